@@ -1,0 +1,132 @@
+"""Pieces shared by both custom resources: the base model class, URIs, conditions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+GROUP = "graft.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+#: Schemes a storage URI may use. ``pvc://<claim>/<path>`` is a PersistentVolumeClaim in the
+#: resource's namespace; ``s3://`` an S3-compatible bucket (in-cluster object stores);
+#: ``file://`` a local path (``graft run`` and tests); ``hf://`` the Hugging Face hub, only
+#: where egress is allowed (air-gapped is the default assumption).
+URI_SCHEMES = ("pvc", "s3", "file", "hf")
+URI_PATTERN = r"^(pvc|s3|file|hf)://[^\s]+$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+StorageUri = Annotated[str, StringConstraints(pattern=URI_PATTERN, max_length=2048)]
+DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, max_length=63)]
+Quantity = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"),
+]
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase on the wire, unknown keys refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=False,
+        validate_default=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it is written to the API: camelCase keys, no unset optionals."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition (metav1.Condition)."""
+
+    type: str = Field(description="Type of condition, in CamelCase (for example Accepted).")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        description="One-word CamelCase reason for the last transition (for example InvalidSpec)."
+    )
+    message: str = Field(default="", description="Human-readable details; says what to do.")
+    last_transition_time: str = Field(
+        description="When the status last changed (RFC 3339); unchanged while status holds."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The .metadata.generation this condition was set from."
+    )
+
+
+class StorageRef(ApiModel):
+    """A location of model weights or data."""
+
+    uri: StorageUri = Field(
+        description="pvc://<claim>/<path>, s3://<bucket>/<key>, file://<path> (local runs) or "
+        "hf://<repo> (only where egress is allowed)."
+    )
+
+
+def now_rfc3339(clock: dt.datetime | None = None) -> str:
+    """UTC time in the format Kubernetes uses for timestamps."""
+    t = clock or dt.datetime.now(dt.UTC)
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """Split a storage URI into (scheme, rest); raises ValueError for an unknown scheme."""
+    m = re.match(r"^([a-z0-9]+)://(.+)$", uri)
+    if not m or m.group(1) not in URI_SCHEMES:
+        raise ValueError(
+            f"unsupported URI {uri!r}: use one of "
+            + ", ".join(f"{s}://" for s in URI_SCHEMES)
+        )
+    return m.group(1), m.group(2)
+
+
+def set_condition(
+    conditions: list[Condition],
+    new: Condition,
+) -> list[Condition]:
+    """Return conditions with ``new`` merged in, Kubernetes-style.
+
+    The transition time only moves when the status changes; reason, message and
+    observedGeneration always take the new values.
+    """
+    out: list[Condition] = []
+    replaced = False
+    for c in conditions:
+        if c.type == new.type:
+            replaced = True
+            if c.status == new.status:
+                out.append(new.model_copy(update={"last_transition_time": c.last_transition_time}))
+            else:
+                out.append(new)
+        else:
+            out.append(c)
+    if not replaced:
+        out.append(new)
+    return out
+
+
+def find_condition(conditions: list[Condition], type_: str) -> Condition | None:
+    for c in conditions:
+        if c.type == type_:
+            return c
+    return None
+
+
+def is_true(conditions: list[Condition], type_: str) -> bool:
+    c = find_condition(conditions, type_)
+    return c is not None and c.status == ConditionStatus.TRUE

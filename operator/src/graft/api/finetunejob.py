@@ -1,0 +1,442 @@
+"""The FineTuneJob custom resource: continued pre-training and fine-tuning of a base model."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from graft.api.common import (
+    ApiModel,
+    Condition,
+    DnsLabel,
+    Quantity,
+    StorageRef,
+    StorageUri,
+)
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+DURATION_PATTERN = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
+
+
+class StageType(StrEnum):
+    CONTINUED_PRETRAINING = "ContinuedPretraining"
+    SFT = "SFT"
+
+
+class DatasetFormat(StrEnum):
+    TEXT = "text"
+    JSONL = "jsonl"
+    ALPACA = "alpaca"
+    CHAT = "chat"
+
+
+class Method(StrEnum):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Scheduler(StrEnum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class Precision(StrEnum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Parallelism(StrEnum):
+    AUTO = "auto"
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
+class Dataset(ApiModel):
+    """Where a stage's data is and how to read it."""
+
+    uri: StorageUri = Field(
+        description="File or directory of the data: pvc://, s3://, file:// (or hf:// with egress)."
+    )
+    format: DatasetFormat = Field(
+        default=DatasetFormat.JSONL,
+        description="text: plain text, one document per blank-line-separated block (or per file); "
+        "jsonl: one JSON object per line with a text field; alpaca: instruction/input/output "
+        "records (JSON array or JSONL); chat: JSONL of {messages: [{role, content}]}.",
+    )
+    text_field: str = Field(
+        default="text",
+        min_length=1,
+        description="For format jsonl: the key holding each document's text.",
+    )
+
+
+class StageHyperparameters(ApiModel):
+    """Per-stage overrides of the job's hyperparameters; unset fields inherit."""
+
+    epochs: int | None = Field(default=None, ge=1, le=1000, description="Passes over the data.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps; when set, wins over epochs."
+    )
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=1, description="Peak learning rate."
+    )
+    warmup_steps: int | None = Field(default=None, ge=0, description="Linear warm-up steps.")
+    max_seq_length: int | None = Field(
+        default=None, ge=8, le=1048576, description="Tokens per training sequence."
+    )
+
+
+class Stage(ApiModel):
+    """One training stage; stages run in order, each from the previous stage's weights."""
+
+    name: DnsLabel | None = Field(
+        default=None, description="Name shown in progress and logs; defaults to stage-<index>."
+    )
+    type: StageType = Field(
+        description="ContinuedPretraining: causal-LM loss on packed raw domain text. "
+        "SFT: supervised fine-tuning on instruction data, loss on response tokens only."
+    )
+    dataset: Dataset = Field(description="The stage's training data.")
+    hyperparameters: StageHyperparameters | None = Field(
+        default=None, description="Overrides of spec.hyperparameters for this stage."
+    )
+
+
+class NearDedup(ApiModel):
+    """Near-duplicate removal with MinHash LSH."""
+
+    enabled: bool = Field(default=True, description="Remove near-duplicate documents.")
+    threshold: float = Field(
+        default=0.85,
+        ge=0.5,
+        le=1.0,
+        description="Estimated Jaccard similarity of word shingles above which two documents "
+        "count as near-duplicates.",
+    )
+    num_perm: int = Field(
+        default=128, ge=16, le=1024, description="MinHash permutations (accuracy vs speed)."
+    )
+    shingle_size: int = Field(default=5, ge=1, le=32, description="Words per shingle.")
+
+
+class DataPrep(ApiModel):
+    """Cleaning and de-duplication before training; counts go to status.data."""
+
+    exact_dedup: bool = Field(
+        default=True,
+        description="Drop documents whose normalized text (case, whitespace) was already seen.",
+    )
+    near_dedup: NearDedup = Field(
+        default_factory=NearDedup, description="MinHash near-duplicate removal."
+    )
+    min_chars: int = Field(default=16, ge=0, description="Drop documents shorter than this.")
+    max_chars: int | None = Field(
+        default=None, ge=1, description="Drop documents longer than this (unset: no limit)."
+    )
+    max_non_alpha_ratio: float = Field(
+        default=0.6,
+        ge=0,
+        le=1,
+        description="Quality filter: drop documents where more than this share of characters "
+        "is neither a letter nor whitespace (markup, tables of numbers, binary junk).",
+    )
+    eval_fraction: float = Field(
+        default=0.05,
+        ge=0,
+        le=0.5,
+        description="Share of documents held out for evaluation, chosen by a hash of the text "
+        "so the split is deterministic.",
+    )
+
+
+class Lora(ApiModel):
+    """LoRA adapter shape (method lora or qlora)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="Names of the modules that get adapters (for LLaMA: q_proj, k_proj, v_proj, "
+        "o_proj, gate_proj, up_proj, down_proj).",
+    )
+
+
+class Hyperparameters(ApiModel):
+    """Training hyperparameters for every stage (stages may override some)."""
+
+    epochs: int = Field(default=1, ge=1, le=1000, description="Passes over each stage's data.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps per stage; when set, wins over epochs."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
+    scheduler: Scheduler = Field(
+        default=Scheduler.COSINE, description="Learning-rate schedule after warm-up."
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+    global_batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="Sequences per optimizer step across all ranks "
+        "(micro-batch x ranks x gradient-accumulation steps).",
+    )
+    micro_batch_size: int = Field(default=1, ge=1, description="Sequences per rank per forward.")
+    max_seq_length: int = Field(
+        default=2048, ge=8, le=1048576, description="Tokens per training sequence."
+    )
+    seed: int = Field(default=42, ge=0, description="Seed for weights init, shuffling, dropout.")
+    precision: Precision = Field(
+        default=Precision.BF16,
+        description="Compute precision: bf16 (A100 and newer), fp16, or fp32 (CPU).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward to save memory."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(
+        default=1.0, ge=0, description="Gradient clipping norm (0 turns clipping off)."
+    )
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> Hyperparameters:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"globalBatchSize ({self.global_batch_size}) must be a multiple of "
+                f"microBatchSize ({self.micro_batch_size})"
+            )
+        return self
+
+
+class Resources(ApiModel):
+    """Where and on how much hardware the job runs."""
+
+    node_pool: DnsLabel | None = Field(
+        default=None,
+        description="Name of a node pool from the operator's configuration; unset: the "
+        "smallest pool that fits.",
+    )
+    gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=4096,
+        description="Total GPUs; split into nodes of the pool's gpusPerNode. Use either gpus "
+        "or nodes x gpusPerNode.",
+    )
+    nodes: int | None = Field(default=None, ge=1, le=512, description="Nodes (ranks) in the gang.")
+    gpus_per_node: int | None = Field(
+        default=None, ge=0, le=16, description="GPUs per node; with nodes."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request per pod, e.g. '8'.")
+    memory: Quantity | None = Field(default=None, description="Memory request per pod, e.g. 64Gi.")
+    parallelism: Parallelism = Field(
+        default=Parallelism.AUTO,
+        description="ddp: a full replica per GPU; fsdp: shard weights and optimizer state; "
+        "auto: ddp when the model and optimizer fit one GPU, else fsdp.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Resources:
+        if self.gpus is not None and (self.nodes is not None or self.gpus_per_node is not None):
+            raise ValueError("set either gpus or nodes/gpusPerNode, not both")
+        return self
+
+
+class Checkpoint(ApiModel):
+    """How often and where checkpoints are written."""
+
+    uri: StorageUri | None = Field(
+        default=None,
+        description="Directory for checkpoints (pvc:// or s3://); unset: <output.uri>/checkpoints.",
+    )
+    every: int | Annotated[str, StringConstraints(pattern=DURATION_PATTERN, min_length=2)] = Field(
+        default="30m",
+        description="A step count (500) or a duration ('30m', '1h', '90s'). A final checkpoint "
+        "is also written on SIGTERM.",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    keep: int = Field(default=3, ge=1, le=100, description="Complete checkpoints kept (last K).")
+
+    @field_validator("every")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("every must be a positive step count or a duration like '30m'")
+        if isinstance(v, str) and duration_seconds(v) <= 0:
+            raise ValueError("every must be a duration like '30m', '1h' or '90s'")
+        return v
+
+
+def duration_seconds(text: str) -> int:
+    """Seconds in a duration like '1h30m', '45s'."""
+    m = re.fullmatch(DURATION_PATTERN, text)
+    if not m or not text:
+        raise ValueError(f"not a duration: {text!r} (use for example '30m', '1h', '90s')")
+    h, mi, s = (int(g[:-1]) if g else 0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+class Output(ApiModel):
+    """Where the result goes."""
+
+    uri: StorageUri = Field(description="Directory for the final adapter or model.")
+    merge: bool = Field(
+        default=False,
+        description="For lora: also write the adapter merged into the base weights.",
+    )
+
+
+class RestartPolicy(ApiModel):
+    """Retries after node loss, eviction, preemption or retryable trainer exits."""
+
+    max_restarts: int = Field(
+        default=3, ge=0, le=1000, description="New attempts allowed before the job fails."
+    )
+    backoff_seconds: int = Field(
+        default=10, ge=0, le=3600, description="Wait before the first restart; doubles each time."
+    )
+    max_backoff_seconds: int = Field(
+        default=300, ge=0, le=86400, description="Upper bound of the doubling backoff."
+    )
+
+
+class FineTuneJobSpec(ApiModel):
+    """Desired state of a FineTuneJob."""
+
+    base_model: StorageRef = Field(description="The open base model to start from.")
+    stages: list[Stage] = Field(
+        min_length=1,
+        max_length=16,
+        description="Ordered training stages; each starts from the previous stage's weights.",
+    )
+    data: DataPrep = Field(
+        default_factory=DataPrep, description="Cleaning and de-duplication of every dataset."
+    )
+    method: Method = Field(
+        default=Method.LORA,
+        description="full: all weights; lora: adapters (peft); qlora: adapters on a 4-bit "
+        "base (CUDA only).",
+    )
+    lora: Lora = Field(default_factory=Lora, description="Adapter shape for lora and qlora.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Training hyperparameters."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="Node pool, GPUs and parallelism."
+    )
+    checkpoint: Checkpoint = Field(
+        default_factory=Checkpoint, description="Checkpoint storage and frequency."
+    )
+    output: Output = Field(description="Where the final adapter or model is written.")
+    restart_policy: RestartPolicy = Field(
+        default_factory=RestartPolicy, description="Recovery from failures."
+    )
+    suspend: bool = Field(
+        default=False,
+        description="true: checkpoint and remove the pods; false again: resume from there.",
+    )
+    queue_name: DnsLabel | None = Field(
+        default=None, description="Kueue LocalQueue; adds the kueue.x-k8s.io/queue-name label."
+    )
+    image: str | None = Field(
+        default=None, min_length=1, description="Trainer image; unset: the operator's default."
+    )
+
+
+class Progress(ApiModel):
+    """Training progress, rolled up from rank 0."""
+
+    stage: str | None = Field(default=None, description="Name of the stage in progress.")
+    step: int = Field(default=0, ge=0, description="Optimizer steps done in this stage.")
+    total_steps: int = Field(default=0, ge=0, description="Optimizer steps in this stage.")
+    epoch: float = Field(default=0.0, ge=0, description="Fractional epoch.")
+    loss: float | None = Field(default=None, description="Recent training loss.")
+    tokens_per_second: float | None = Field(default=None, ge=0, description="Throughput.")
+    eta: str | None = Field(default=None, description="Estimated time left, e.g. 1h20m.")
+
+
+class CheckpointRef(ApiModel):
+    step: int = Field(ge=0, description="Step the checkpoint holds.")
+    uri: str = Field(description="Where it is.")
+    time: str | None = Field(default=None, description="When it was completed (RFC 3339).")
+
+
+class DataCounts(ApiModel):
+    documents_in: int = Field(default=0, ge=0, description="Documents read.")
+    documents_out: int = Field(default=0, ge=0, description="Documents kept for training.")
+    duplicates_removed: int = Field(default=0, ge=0, description="Exact and near duplicates.")
+    filtered: int = Field(default=0, ge=0, description="Dropped by length or quality filters.")
+
+
+class OutputKind(StrEnum):
+    ADAPTER = "adapter"
+    MODEL = "model"
+
+
+class OutputStatus(ApiModel):
+    uri: str = Field(description="Where the result is.")
+    kind: OutputKind = Field(description="adapter (peft directory) or model (full weights).")
+
+
+class Placement(ApiModel):
+    node_pool: str = Field(description="The pool the gang runs on.")
+    nodes: int = Field(ge=1, description="Pods (ranks) in the gang.")
+    gpus_per_node: int = Field(ge=0, description="GPUs requested by each pod.")
+
+
+class FineTuneJobPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state of a FineTuneJob."""
+
+    # status.graft holds the operator's own bookkeeping (Kopf progress and diff base).
+    model_config = ApiModel.model_config | {"extra": "ignore"}
+
+    phase: FineTuneJobPhase | None = Field(
+        default=None, description="Summary derived from conditions, for printer columns."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    observed_generation: int | None = Field(default=None, description="Last generation seen.")
+    placement: Placement | None = Field(default=None, description="Resolved pool and gang shape.")
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    progress_summary: str | None = Field(
+        default=None, description="step/totalSteps for the printer column."
+    )
+    last_checkpoint: CheckpointRef | None = Field(default=None, description="Newest checkpoint.")
+    restarts: int = Field(default=0, ge=0, description="Attempts restarted after a failure.")
+    attempt: int = Field(default=0, ge=0, description="Current attempt number (1-based).")
+    gpu_hours: float = Field(default=0.0, ge=0, description="GPU-hours used by all attempts.")
+    cost: float | None = Field(
+        default=None, ge=0, description="gpuHours x the pool's pricePerGpuHour."
+    )
+    data: DataCounts | None = Field(default=None, description="Data preparation counts.")
+    output: OutputStatus | None = Field(default=None, description="The result, once succeeded.")
+    start_time: str | None = Field(default=None, description="When the first attempt started.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+
+
+class FineTuneJob(ApiModel):
+    """A fine-tuning job: base model + data in, adapter or model out."""
+
+    api_version: str = Field(default="graft.dev/v1alpha1", alias="apiVersion")
+    kind: str = Field(default=KIND)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)
+
+    model_config = ApiModel.model_config | {"extra": "ignore"}
