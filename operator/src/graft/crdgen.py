@@ -21,7 +21,9 @@ from graft.api import modelservice as ms
 from graft.api.common import GROUP, VERSION
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-OUT_DIRS = (REPO_ROOT / "crds", REPO_ROOT / "charts" / "graft" / "crds")
+# The chart renders its copy from files/crds/ in a template so that crds.enabled and
+# crds.keep work (a chart's crds/ directory is installed unconditionally, never upgraded).
+OUT_DIRS = (REPO_ROOT / "crds", REPO_ROOT / "charts" / "graft" / "files" / "crds")
 
 # Keys of JSON Schema that an apiextensions.k8s.io/v1 structural schema accepts.
 _ALLOWED = {
