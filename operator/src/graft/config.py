@@ -75,7 +75,9 @@ class Settings(ApiModel):
         default=8080, ge=0, le=65535, description="GRAFT_METRICS_PORT: Prometheus port (0: off)."
     )
     health_port: int = Field(
-        default=8081, ge=0, le=65535,
+        default=8081,
+        ge=0,
+        le=65535,
         description="GRAFT_HEALTH_PORT: liveness/readiness port (0: off).",
     )
     termination_grace_seconds: int = Field(

@@ -27,10 +27,29 @@ OUT_DIRS = (REPO_ROOT / "crds", REPO_ROOT / "charts" / "graft" / "files" / "crds
 
 # Keys of JSON Schema that an apiextensions.k8s.io/v1 structural schema accepts.
 _ALLOWED = {
-    "type", "description", "properties", "items", "required", "enum", "default", "pattern",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
-    "minItems", "maxItems", "format", "nullable", "additionalProperties", "anyOf", "oneOf",
-    "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
+    "type",
+    "description",
+    "properties",
+    "items",
+    "required",
+    "enum",
+    "default",
+    "pattern",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "format",
+    "nullable",
+    "additionalProperties",
+    "anyOf",
+    "oneOf",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields",
 }
 
 
@@ -97,9 +116,9 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         # value validation only: each branch may just name required fields
         out["oneOf"] = [{"required": b["required"]} for b in out["oneOf"] if "required" in b]
     # defaults that are objects are applied by Kubernetes property by property: drop them
-    if isinstance(out.get("default"), dict | list) and out.get("type") in ("object", "array"):
-        if out.get("type") == "object" or not out["default"]:
-            out.pop("default")
+    default = out.get("default")
+    if isinstance(default, dict) or (isinstance(default, list) and not default):
+        out.pop("default")
     return out
 
 
@@ -190,10 +209,18 @@ def crds() -> dict[str, dict[str, Any]]:
                 {"name": "Progress", "type": "string", "jsonPath": ".status.progressSummary"},
                 {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
                 {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
-                {"name": "Pool", "type": "string", "jsonPath": ".status.placement.nodePool",
-                 "priority": 1},
-                {"name": "GPU-Hours", "type": "number", "jsonPath": ".status.gpuHours",
-                 "priority": 1},
+                {
+                    "name": "Pool",
+                    "type": "string",
+                    "jsonPath": ".status.placement.nodePool",
+                    "priority": 1,
+                },
+                {
+                    "name": "GPU-Hours",
+                    "type": "number",
+                    "jsonPath": ".status.gpuHours",
+                    "priority": 1,
+                },
                 age,
             ],
         ),
@@ -208,8 +235,12 @@ def crds() -> dict[str, dict[str, Any]]:
                 {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                 {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
                 {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
-                {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint",
-                 "priority": 1},
+                {
+                    "name": "Endpoint",
+                    "type": "string",
+                    "jsonPath": ".status.endpoint",
+                    "priority": 1,
+                },
                 age,
             ],
         ),

@@ -89,8 +89,7 @@ def parse_uri(uri: str) -> tuple[str, str]:
     m = re.match(r"^([a-z0-9]+)://(.+)$", uri)
     if not m or m.group(1) not in URI_SCHEMES:
         raise ValueError(
-            f"unsupported URI {uri!r}: use one of "
-            + ", ".join(f"{s}://" for s in URI_SCHEMES)
+            f"unsupported URI {uri!r}: use one of " + ", ".join(f"{s}://" for s in URI_SCHEMES)
         )
     return m.group(1), m.group(2)
 

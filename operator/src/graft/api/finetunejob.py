@@ -85,9 +85,7 @@ class StageHyperparameters(ApiModel):
     max_steps: int | None = Field(
         default=None, ge=1, description="Optimizer steps; when set, wins over epochs."
     )
-    learning_rate: float | None = Field(
-        default=None, gt=0, le=1, description="Peak learning rate."
-    )
+    learning_rate: float | None = Field(default=None, gt=0, le=1, description="Peak learning rate.")
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warm-up steps.")
     max_seq_length: int | None = Field(
         default=None, ge=8, le=1048576, description="Tokens per training sequence."

@@ -23,9 +23,7 @@ class Adapter(ApiModel):
     """A LoRA adapter served beside the base model; give exactly one of uri, fromFineTuneJob."""
 
     model_config = ApiModel.model_config | {
-        "json_schema_extra": {
-            "oneOf": [{"required": ["uri"]}, {"required": ["fromFineTuneJob"]}]
-        }
+        "json_schema_extra": {"oneOf": [{"required": ["uri"]}, {"required": ["fromFineTuneJob"]}]}
     }
 
     name: DnsLabel = Field(description="Model name clients pass in the OpenAI `model` field.")
@@ -39,9 +37,7 @@ class Adapter(ApiModel):
     @model_validator(mode="after")
     def _exactly_one(self) -> Adapter:
         if (self.uri is None) == (self.from_fine_tune_job is None):
-            raise ValueError(
-                f"adapter {self.name!r}: set exactly one of uri or fromFineTuneJob"
-            )
+            raise ValueError(f"adapter {self.name!r}: set exactly one of uri or fromFineTuneJob")
         return self
 
 

@@ -1,1 +1,4 @@
-"""Workload runtimes; installed with extras (graft[train], graft[serve]), never imported by the operator."""
+"""Workload runtimes, installed with extras (graft[train], graft[serve]).
+
+The operator process never imports them.
+"""

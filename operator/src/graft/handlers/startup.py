@@ -1,0 +1,48 @@
+"""Operator start-up: Kopf settings, configuration, the API client."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from graft.config import load_settings
+from graft.kube import Kube
+
+log = logging.getLogger(__name__)
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """Brand Kopf's persistence and keep its bookkeeping in status (one write per change)."""
+    settings.persistence.finalizer = "graft.dev/finalizer"
+    # Diff base and handler progress in status.graft instead of annotations: Kopf then writes
+    # its bookkeeping and our status in one PATCH (PERF-FACTS: 160 vs 116 obj/s).
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(
+        field="status.graft.progress"
+    )
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+        field="status.graft.lastHandledConfiguration"
+    )
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    settings.batching.worker_limit = None
+    settings.execution.max_workers = 16
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure_kopf(settings)
+    memo.config = load_settings()
+    memo.kube = await Kube.connect()
+    pools = [p.name for p in memo.config.node_pools]
+    log.info("graft operator started", extra={"nodePools": pools})
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    kube = getattr(memo, "kube", None)
+    if kube is not None:
+        await kube.close()

@@ -1,0 +1,1 @@
+"""Reconcilers: read the world, call the pure builders, apply, return the new status."""
