@@ -7,8 +7,9 @@ Rules (documented for users in docs/finetunejob.md):
 
 * ``resources.nodePool`` names a pool: that pool or a refusal. Unset: every pool that
   fits is a candidate and the smallest wins: fewest GPUs wasted (GPUs on the gang's nodes
-  that the job does not use, since one rank occupies one node), then the lowest
-  pricePerGpuHour, then the name (for a stable answer).
+  that the job does not use, since one rank occupies one node), then fewest nodes (less
+  traffic between nodes), then the lowest pricePerGpuHour, then the name (for a stable
+  answer).
 * ``gpus: G``: ``gpusPerNode = min(G, pool.gpusPerNode)``, ``nodes = G / gpusPerNode``,
   which must divide evenly; otherwise the job is refused with valid counts suggested.
   ``gpus: 0`` runs one CPU-only rank.
@@ -141,7 +142,7 @@ def place(resources: Resources, pools: Sequence[NodePool]) -> Placement:
         shape = _shape_on(resources, pool, cpu_default=True)
         return Placement(node_pool=pool.name, nodes=shape.nodes, gpus_per_node=shape.gpus_per_node)
 
-    fits: list[tuple[int, float, str, _Shape]] = []
+    fits: list[tuple[int, int, float, str, _Shape]] = []
     reasons: list[str] = []
     for pool in pools:
         try:
@@ -150,13 +151,13 @@ def place(resources: Resources, pools: Sequence[NodePool]) -> Placement:
             reasons.append(e.message)
             continue
         wasted = shape.nodes * (pool.gpus_per_node - shape.gpus_per_node)
-        fits.append((wasted, pool.price_per_gpu_hour, pool.name, shape))
+        fits.append((wasted, shape.nodes, pool.price_per_gpu_hour, pool.name, shape))
     if not fits:
         raise PlacementError(
             PlacementReason.DOES_NOT_FIT,
             f"no node pool can hold {describe_request(resources)}: " + "; ".join(reasons),
         )
-    _, _, name, shape = min(fits, key=lambda f: (f[0], f[1], f[2]))
+    *_, name, shape = min(fits, key=lambda f: f[:4])
     return Placement(node_pool=name, nodes=shape.nodes, gpus_per_node=shape.gpus_per_node)
 
 
