@@ -1,0 +1,72 @@
+# Graft: developer entry points. Every target sets itself up (virtualenv, packages,
+# cached control-plane binaries, helm) so that a fresh clone needs only Python 3.11 and gcc.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+K8S_CACHE ?= $(HOME)/.cache/graft/k8s-v1.20.2
+
+.PHONY: help venv control-plane helm test test-unit test-integration lint crds chart-test \
+        demo bench e2e e2e-kind clean
+
+help:
+	@echo "make demo         train + serve a tiny model end to end, no cluster needed"
+	@echo "make test         unit, integration (real control plane), chart, trainer, serving tests"
+	@echo "make lint         ruff + mypy"
+	@echo "make crds         regenerate crds/ and the chart's copy from graft.api"
+	@echo "make chart-test   helm lint + render tests"
+	@echo "make e2e          whole-system tests (operator + fake A100 nodes + real training)"
+	@echo "make bench        benchmarks; figures printed and written to bench/results/"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -U pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,serve,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+control-plane:
+	@bash hack/build-control-plane.sh "$(K8S_CACHE)" >/dev/null
+
+helm:
+	@bash hack/install-helm.sh >/dev/null
+
+test: venv control-plane helm
+	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: venv control-plane helm
+	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest tests/integration tests/chart $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+crds: venv
+	$(PY) -m graft.crdgen
+
+chart-test: venv helm
+	$(PY) -m pytest tests/chart $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m graft.demo
+
+e2e: venv control-plane helm
+	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest e2e $(PYTEST_ARGS)
+
+e2e-kind:
+	bash e2e/kind/run.sh
+
+bench: venv control-plane
+	$(PY) bench/train_overhead.py
+	$(PY) bench/serve_overhead.py
+	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) bench/reconcile_scale.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache bench/results
