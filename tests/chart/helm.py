@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -135,6 +136,50 @@ def render(
     finally:
         path.unlink(missing_ok=True)
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+_NOTES_TEMPLATE = """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: rendered-notes
+data:
+  NOTES.txt: {{ include "graft/templates/NOTES.txt" . | quote }}
+"""
+
+
+@functools.cache
+def _chart_with_notes() -> Path:
+    # `helm template` never renders NOTES.txt; a copy of the chart exposes it as a ConfigMap.
+    copy = Path(tempfile.mkdtemp(prefix="graft-chart-notes-")) / "graft"
+    shutil.copytree(CHART_DIR, copy)
+    (copy / "templates" / "zz-rendered-notes.yaml").write_text(_NOTES_TEMPLATE)
+    return copy
+
+
+def notes(
+    values: Mapping[str, Any] | None = None,
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+) -> str:
+    """NOTES.txt as `helm install` would print it with these values."""
+    path = values_file(values)
+    try:
+        out = run_helm(
+            "template",
+            release,
+            str(_chart_with_notes()),
+            "--namespace",
+            namespace,
+            "-f",
+            str(path),
+            "--show-only",
+            "templates/zz-rendered-notes.yaml",
+        ).stdout
+    finally:
+        path.unlink(missing_ok=True)
+    return str(yaml.safe_load(out)["data"]["NOTES.txt"])
 
 
 def lint(values: Mapping[str, Any] | None = None, *, strict: bool = True) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from graft.config import NodePool, Settings, load_settings
-from helm import CHART_DIR, NAMESPACE, REPO_ROOT, HelmError, find, lint, one, render
+from helm import CHART_DIR, NAMESPACE, REPO_ROOT, HelmError, find, lint, notes, one, render
 
 pytestmark = pytest.mark.usefixtures("helm")
 
@@ -310,6 +310,30 @@ def test_standard_labels_everywhere(default_docs: Docs) -> None:
         assert not missing, f"{doc['kind']} {doc['metadata']['name']} lacks {missing}"
         assert labels["app.kubernetes.io/part-of"] == "graft"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected", "absent"),
+    [
+        (
+            {},
+            ["cluster-wide", "a100-80g: 8 x nvidia.com/gpu", "cpu: CPU only", "resource-policy"],
+            ["-n team-a"],
+        ),
+        (
+            {**SINGLE_NS, "crds": {"enabled": False}},
+            ['only "team-a"', "kubectl get ftj,msvc -n team-a", "crds.enabled is false"],
+            ["resource-policy"],
+        ),
+    ],
+    ids=["defaults", "single-namespace-no-crds"],
+)
+def test_notes(values: dict[str, Any], expected: list[str], absent: list[str]) -> None:
+    text = notes(values)
+    for needle in expected:
+        assert needle in text
+    for needle in absent:
+        assert needle not in text
 
 
 # --- the settings file ------------------------------------------------------------------
