@@ -1,0 +1,400 @@
+"""Pure builders of a FineTuneJob's children, and the naming rules they share."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from builders_fixtures import (
+    A100_SELECTOR,
+    GPU_TOLERATION,
+    FineTuneJobBuilder,
+    a100_80g,
+    cpu_pool,
+    settings,
+)
+from graft.api.finetunejob import FineTuneJobSpec, Placement
+from graft.builders import naming
+from graft.builders.finetunejob import (
+    build_config_map,
+    build_gang_service,
+    build_pods,
+    checkpoint_uri,
+    pvc_claims,
+)
+from graft.placement import place
+
+SETTINGS = settings(a100_80g(), cpu_pool())
+
+
+def two_by_eight() -> tuple[Any, Placement]:
+    job = FineTuneJobBuilder("llama-sft", "team-a").gpus(16).pool("a100-80g").obj()
+    return job, place(job.spec.resources, SETTINGS.node_pools)
+
+
+def without_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(obj))
+    out["metadata"]["annotations"].pop(naming.ANNOTATION_SPEC_HASH)
+    if not out["metadata"]["annotations"]:
+        del out["metadata"]["annotations"]
+    return out
+
+
+def labels(component: str, **extra: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "graft-trainer",
+        "app.kubernetes.io/instance": "llama-sft",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "graft-operator",
+        "app.kubernetes.io/part-of": "graft",
+        "graft.dev/job": "llama-sft",
+        **extra,
+    }
+
+
+def test_two_nodes_of_eight_gpus_whole_pod() -> None:
+    job, placement = two_by_eight()
+    assert placement == Placement(node_pool="a100-80g", nodes=2, gpus_per_node=8)
+    pods = build_pods(
+        job,
+        placement,
+        a100_80g(),
+        3,
+        "pvc://outputs/llama-sft/checkpoints/ckpt-s00-00000100",
+        SETTINGS,
+        avoid_nodes=["gpu-2", "gpu-1", "gpu-2"],
+    )
+    assert [p["metadata"]["name"] for p in pods] == ["llama-sft-a3-r0", "llama-sft-a3-r1"]
+    assert without_hash(pods[1]) == {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "llama-sft-a3-r1",
+            "namespace": "team-a",
+            "labels": labels("trainer", **{"graft.dev/attempt": "3", "graft.dev/rank": "1"}),
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "hostname": "llama-sft-r1",
+            "subdomain": "llama-sft-gang",
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 300,
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+            "nodeSelector": A100_SELECTOR,
+            "tolerations": [GPU_TOLERATION],
+            "affinity": {
+                "nodeAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 100,
+                            "preference": {
+                                "matchExpressions": [
+                                    {
+                                        "key": "kubernetes.io/hostname",
+                                        "operator": "NotIn",
+                                        "values": ["gpu-1", "gpu-2"],
+                                    }
+                                ]
+                            },
+                        }
+                    ]
+                },
+                "podAntiAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "labelSelector": {
+                                "matchLabels": {
+                                    "graft.dev/job": "llama-sft",
+                                    "graft.dev/attempt": "3",
+                                }
+                            },
+                            "topologyKey": "kubernetes.io/hostname",
+                        }
+                    ]
+                },
+            },
+            "containers": [
+                {
+                    "name": "trainer",
+                    "image": "ghcr.io/graft-dev/graft-trainer:0.1.0",
+                    "command": ["python", "-m", "graft.runtime.train"],
+                    "env": [
+                        {"name": "GRAFT_JOB_CONFIG", "value": "/etc/graft/job.json"},
+                        {"name": "GRAFT_JOB_NAME", "value": "llama-sft"},
+                        {"name": "GRAFT_ATTEMPT", "value": "3"},
+                        {
+                            "name": "GRAFT_RESUME_FROM",
+                            "value": "pvc://outputs/llama-sft/checkpoints/ckpt-s00-00000100",
+                        },
+                        {"name": "GRAFT_NNODES", "value": "2"},
+                        {"name": "GRAFT_NODE_RANK", "value": "1"},
+                        {"name": "GRAFT_NPROC_PER_NODE", "value": "8"},
+                        {"name": "MASTER_ADDR", "value": "llama-sft-r0.llama-sft-gang.team-a.svc"},
+                        {"name": "MASTER_PORT", "value": "29500"},
+                        {"name": "GRAFT_PVC_ROOT", "value": "/mnt/pvc"},
+                        {
+                            "name": "GRAFT_CHECKPOINT_URI",
+                            "value": "pvc://outputs/llama-sft/checkpoints",
+                        },
+                        {
+                            "name": "POD_NAME",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                        },
+                        {
+                            "name": "POD_NAMESPACE",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                        },
+                        {"name": "GRAFT_TERMINATION_LOG", "value": "/dev/termination-log"},
+                    ],
+                    "ports": [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}],
+                    "resources": {
+                        "requests": {"nvidia.com/gpu": "8"},
+                        "limits": {"nvidia.com/gpu": "8"},
+                    },
+                    "volumeMounts": [
+                        {"name": "config", "mountPath": "/etc/graft", "readOnly": True},
+                        {"name": "dshm", "mountPath": "/dev/shm"},
+                        {"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True},
+                        {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True},
+                        {"name": "pvc-outputs", "mountPath": "/mnt/pvc/outputs"},
+                    ],
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+            "volumes": [
+                {"name": "config", "configMap": {"name": "llama-sft-config"}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                {"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data"}},
+                {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
+                {"name": "pvc-outputs", "persistentVolumeClaim": {"claimName": "outputs"}},
+            ],
+        },
+    }
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "<ref>") for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_ranks_differ_only_in_rank_and_name() -> None:
+    job, placement = two_by_eight()
+    r0, r1 = build_pods(job, placement, a100_80g(), 1, None, SETTINGS, avoid_nodes=[])
+    assert env_of(r0)["GRAFT_NODE_RANK"] == "0" and env_of(r1)["GRAFT_NODE_RANK"] == "1"
+    assert env_of(r0)["GRAFT_RESUME_FROM"] == ""
+    assert r0["spec"]["hostname"] == "llama-sft-r0"
+    assert r0["metadata"]["labels"]["graft.dev/rank"] == "0"
+    assert "nodeAffinity" not in r0["spec"]["affinity"]
+    # ranks share one spec apart from identity, so their hashes differ
+    assert (
+        r0["metadata"]["annotations"]["graft.dev/spec-hash"]
+        != r1["metadata"]["annotations"]["graft.dev/spec-hash"]
+    )
+
+
+def test_single_cpu_rank() -> None:
+    job = FineTuneJobBuilder("tiny").pool("cpu").cpu("2", "4Gi").image("trainer:dev").obj()
+    placement = place(job.spec.resources, SETTINGS.node_pools)
+    (pod,) = build_pods(job, placement, cpu_pool(), 1, None, SETTINGS, avoid_nodes=[])
+    spec = pod["spec"]
+    assert env_of(pod)["GRAFT_NPROC_PER_NODE"] == "1"
+    assert env_of(pod)["MASTER_ADDR"] == "tiny-r0.tiny-gang.team-a.svc"
+    assert spec["containers"][0]["image"] == "trainer:dev"
+    assert spec["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"memory": "4Gi"},
+    }
+    # one rank: no pod anti-affinity needed, no node to avoid
+    assert "affinity" not in spec
+    assert spec["nodeSelector"] == {"graft.dev/pool": "cpu"}
+    assert "tolerations" not in spec
+
+
+def test_kueue_labels() -> None:
+    job = FineTuneJobBuilder().gpus(16).queue("team-a-queue").obj()
+    placement = place(job.spec.resources, SETTINGS.node_pools)
+    pods = build_pods(job, placement, a100_80g(), 2, None, SETTINGS, avoid_nodes=[])
+    for pod in pods:
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == "llama-sft-a2"
+        assert pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "2"
+
+
+def test_gpu_resource_name_from_pool() -> None:
+    pool = a100_80g(gpuResource="amd.com/gpu")
+    job = FineTuneJobBuilder().gpus(8).obj()
+    (pod,) = build_pods(
+        job, place(job.spec.resources, [pool]), pool, 1, None, SETTINGS, avoid_nodes=[]
+    )
+    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "8"}
+
+
+def test_attempt_is_one_based() -> None:
+    job, placement = two_by_eight()
+    with pytest.raises(ValueError, match="1-based"):
+        build_pods(job, placement, a100_80g(), 0, None, SETTINGS, avoid_nodes=[])
+
+
+def test_gang_service() -> None:
+    job, _ = two_by_eight()
+    svc = build_gang_service(job)
+    assert without_hash(svc) == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "llama-sft-gang", "namespace": "team-a", "labels": labels("gang")},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"graft.dev/job": "llama-sft"},
+            "ports": [
+                {"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def test_config_map() -> None:
+    job = FineTuneJobBuilder().gpus(16).method("full").obj()
+    placement = place(job.spec.resources, SETTINGS.node_pools)
+    cm = build_config_map(job, placement, 2, "pvc://outputs/x/ckpt-s00-00000100", SETTINGS)
+    assert cm["metadata"]["name"] == "llama-sft-config"
+    assert cm["metadata"]["labels"] == labels("config")
+    config = json.loads(cm["data"]["job.json"])
+    assert {k: v for k, v in config.items() if k != "spec"} == {
+        "name": "llama-sft",
+        "namespace": "team-a",
+        "attempt": 2,
+        "resumeFrom": "pvc://outputs/x/ckpt-s00-00000100",
+    }
+    spec = FineTuneJobSpec.model_validate(config["spec"])  # the trainer reads it the same way
+    assert spec.checkpoint.uri == "pvc://outputs/llama-sft/checkpoints"
+    # llama-2-7b full fine-tune does not fit one 80G GPU: auto resolved to fsdp
+    assert spec.resources.parallelism == "fsdp"
+    first = build_config_map(job, placement, 1, None, SETTINGS)
+    assert json.loads(first["data"]["job.json"])["resumeFrom"] is None
+
+
+def test_builders_are_deterministic() -> None:
+    job, placement = two_by_eight()
+
+    def everything() -> list[dict[str, Any]]:
+        return [
+            build_config_map(job, placement, 1, None, SETTINGS),
+            build_gang_service(job),
+            *build_pods(job, placement, a100_80g(), 1, None, SETTINGS, avoid_nodes=["b", "a"]),
+        ]
+
+    assert everything() == everything()
+    assert json.dumps(everything(), sort_keys=True) == json.dumps(everything(), sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    ("builder", "expected"),
+    [
+        (FineTuneJobBuilder().output("pvc://out/run/"), "pvc://out/run/checkpoints"),
+        (FineTuneJobBuilder().checkpoint("s3://ckpt/run"), "s3://ckpt/run"),
+    ],
+)
+def test_checkpoint_uri(builder: FineTuneJobBuilder, expected: str) -> None:
+    assert checkpoint_uri(builder.obj().spec) == expected
+
+
+def test_pvc_claims_read_only_inputs() -> None:
+    spec = (
+        FineTuneJobBuilder()
+        .base_model("pvc://shared/models/llama")
+        .stage("ContinuedPretraining", "pvc://shared/corpus")
+        .stage("SFT", "s3://bucket/sft.jsonl")
+        .output("file:///tmp/out")
+        .checkpoint("pvc://ckpt.fast/run")
+        .obj()
+        .spec
+    )
+    assert pvc_claims(spec) == {"ckpt.fast": True, "data": False, "shared": False}
+    job = FineTuneJobBuilder().pool("cpu").checkpoint("pvc://ckpt.fast/run").obj()
+    (pod,) = build_pods(
+        job,
+        place(job.spec.resources, [cpu_pool()]),
+        cpu_pool(),
+        1,
+        None,
+        SETTINGS,
+        avoid_nodes=[],
+    )
+    names = [v["name"] for v in pod["spec"]["volumes"]]
+    assert all(naming.is_dns_label(n) for n in names)
+    assert len(names) == len(set(names))
+
+
+# Naming ---------------------------------------------------------------------------------
+
+LONG = "a" * 60 + "-" + "b" * 100
+
+
+@pytest.mark.parametrize(
+    ("name", "limit"),
+    [
+        (naming.child_name("short", "config"), 253),
+        (naming.child_name(LONG, "config"), 253),
+        (naming.child_name("x" * 250, "config"), 253),
+        (naming.gang_service_name(LONG), 63),
+        (naming.pod_hostname(LONG, 12), 63),
+        (naming.pod_name("y" * 253, 7, 3), 253),
+        (naming.label_value(LONG), 63),
+        # a cut that lands right after a dash must not leave "--" or a trailing dash
+        (naming.fit("a" * 54 + "-" * 20 + "b", 63), 63),
+    ],
+)
+def test_names_stay_dns_1123(name: str, limit: int) -> None:
+    assert len(name) <= limit
+    assert naming.is_dns_label(name) if limit == 63 else naming.is_dns_subdomain(name)
+
+
+def test_short_names_are_kept_and_long_ones_get_a_stable_hash() -> None:
+    assert naming.child_name("job", "gang") == "job-gang"
+    assert naming.child_name("job", "worker", 3) == "job-worker-3"
+    cut = naming.gang_service_name(LONG)
+    assert cut == naming.gang_service_name(LONG)
+    assert cut.endswith("-" + naming.short_hash(LONG + "-gang"))
+    # names that share the first 63 characters stay distinct
+    assert naming.gang_service_name(LONG + "x") != naming.gang_service_name(LONG + "y")
+
+
+def test_long_job_master_addr_uses_the_cut_names() -> None:
+    job = FineTuneJobBuilder(LONG).gpus(16).obj()
+    placement = place(job.spec.resources, SETTINGS.node_pools)
+    r0, r1 = build_pods(job, placement, a100_80g(), 1, None, SETTINGS, avoid_nodes=[])
+    host, sub = r0["spec"]["hostname"], r0["spec"]["subdomain"]
+    assert env_of(r1)["MASTER_ADDR"] == f"{host}.{sub}.team-a.svc"
+    assert build_gang_service(job)["metadata"]["name"] == sub
+    for value in r0["metadata"]["labels"].values():
+        assert len(value) <= 63
+
+
+def test_spec_hash_is_stable_and_follows_the_spec() -> None:
+    a = FineTuneJobBuilder().gpus(8).obj().spec
+    b = FineTuneJobBuilder().gpus(8).obj().spec
+    c = FineTuneJobBuilder().gpus(8).learning_rate(1e-5).obj().spec
+    assert naming.spec_hash(a) == naming.spec_hash(b)
+    assert naming.spec_hash(a) != naming.spec_hash(c)
+    assert len(naming.spec_hash(a)) == naming.SPEC_HASH_LEN
+    # key order does not matter, content does
+    assert naming.spec_hash({"x": 1, "y": [1, 2]}) == naming.spec_hash({"y": [1, 2], "x": 1})
+    assert naming.spec_hash({"y": [1, 2]}) != naming.spec_hash({"y": [2, 1]})
+    # a known value, so an accidental change of the algorithm shows up
+    assert naming.spec_hash({}) == "44136fa355b3678a"
+
+
+def test_with_spec_hash_ignores_its_own_annotation() -> None:
+    obj = {"metadata": {"name": "x"}, "spec": {"a": 1}}
+    once = naming.with_spec_hash(obj)
+    twice = naming.with_spec_hash(once)
+    assert once == twice
+    assert obj == {"metadata": {"name": "x"}, "spec": {"a": 1}}  # input untouched
+    changed = naming.with_spec_hash({"metadata": {"name": "x"}, "spec": {"a": 2}})
+    assert changed["metadata"]["annotations"] != once["metadata"]["annotations"]
