@@ -34,7 +34,7 @@ def two_by_eight() -> tuple[Any, Placement]:
 
 
 def without_hash(obj: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(obj))
+    out: dict[str, Any] = json.loads(json.dumps(obj))
     out["metadata"]["annotations"].pop(naming.ANNOTATION_SPEC_HASH)
     if not out["metadata"]["annotations"]:
         del out["metadata"]["annotations"]
