@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -449,33 +450,23 @@ def test_schema_matches_the_operator_settings() -> None:
     assert set(pool) == {f.alias or name for name, f in NodePool.model_fields.items()}
 
 
-def _documented_keys(text: str) -> dict[str, bool]:
-    """Dotted path of each mapping key in values.yaml -> has a `# --` comment (helm-docs)."""
-    out: dict[str, bool] = {}
-    stack: list[tuple[int, str]] = []
-    comment: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            comment.append(stripped)
-            continue
-        m = re.match(r"^( *)([A-Za-z0-9_.]+):", line)
-        if not m:
-            comment = []
-            continue  # blank line or a list item inside a default value
-        indent, key = len(m.group(1)), m.group(2)
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        path = ".".join([k for _, k in stack] + [key])
-        out[path] = any(c.startswith("# --") for c in comment)
-        stack.append((indent, path.split(".")[-1]))
-        comment = []
-    return out
+def _values_doc() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "values_doc", REPO_ROOT / "charts" / "values_doc.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["values_doc"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+values_doc = _values_doc()
 
 
 def test_values_yaml_documents_every_value() -> None:
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
-    documented = _documented_keys((CHART_DIR / "values.yaml").read_text())
+    documented = values_doc.parse_comments((CHART_DIR / "values.yaml").read_text())
 
     def leaves(node: Any, prefix: str = "") -> list[str]:
         if isinstance(node, dict) and node:
@@ -484,7 +475,7 @@ def test_values_yaml_documents_every_value() -> None:
 
     def ok(path: str) -> bool:
         parts = path.split(".")
-        return any(documented.get(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+        return any(".".join(parts[:i]) in documented for i in range(1, len(parts) + 1))
 
     missing = [p for p in leaves(values) if not ok(p)]
     assert not missing, f"values without a `# --` comment: {missing}"
@@ -502,6 +493,12 @@ def test_values_yaml_documents_every_value() -> None:
 
     unknown = [p for p in leaves(values) if not in_schema(p)]
     assert not unknown, f"values the schema does not declare: {unknown}"
+
+
+def test_helm_values_md_is_generated_from_values_yaml() -> None:
+    expected = values_doc.render((CHART_DIR / "values.yaml").read_text())
+    actual = (REPO_ROOT / "docs" / "helm-values.md").read_text()
+    assert actual == expected, "run: python charts/values_doc.py > docs/helm-values.md"
 
 
 # --- CRDs -------------------------------------------------------------------------------
