@@ -31,6 +31,7 @@ from graft.status import (
     next_backoff,
     progress_from_annotation,
     progress_summary,
+    recovery,
 )
 
 HEALTHY = nodes(node("gpu-1"), node("gpu-2"))
@@ -496,3 +497,33 @@ def test_progress_bad_pieces_are_dropped_good_ones_kept() -> None:
 )
 def test_progress_summary(step: int | None, total: int | None, text: str) -> None:
     assert progress_summary(step, total) == text
+
+
+NODE_LOSS = Failure(True, Reason.NODE_LOST, "node gpu-1 is NotReady", "p", 0, "gpu-1")
+USER = Failure(False, Reason.USER_ERROR, "rank 0: DatasetEmpty: no rows", "p", 0, "gpu-1", 10)
+POLICY = RestartPolicy(max_restarts=3, backoff_seconds=10, max_backoff_seconds=300)
+
+
+@pytest.mark.parametrize(
+    ("failure", "restarts", "restart", "reason", "backoff", "fragment"),
+    [
+        (NODE_LOSS, 0, True, Reason.NODE_LOST, 10, "restart 1 of 3 in 10s after NodeLost"),
+        (NODE_LOSS, 2, True, Reason.NODE_LOST, 40, "restart 3 of 3 in 40s"),
+        (
+            NODE_LOSS,
+            3,
+            False,
+            Reason.MAX_RESTARTS_EXCEEDED,
+            0,
+            "gave up after 3 restarts (maxRestarts 3); last failure: NodeLost",
+        ),
+        (USER, 0, False, Reason.USER_ERROR, 0, "rank 0: DatasetEmpty: no rows"),
+    ],
+)
+def test_recovery(
+    failure: Failure, restarts: int, restart: bool, reason: Reason, backoff: int, fragment: str
+) -> None:
+    got = recovery(failure, restarts, POLICY)
+    assert (got.restart, got.reason, got.backoff_seconds) == (restart, reason, backoff)
+    assert fragment in got.message
+    assert got.avoid_nodes == (("gpu-1",) if restart else ())

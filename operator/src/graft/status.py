@@ -474,6 +474,46 @@ def next_backoff(restarts: int, policy: RestartPolicy) -> int:
     return min(base * factor, cap)
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """What to do about a failed attempt."""
+
+    #: True: start attempt + 1 after ``backoff_seconds``; False: fail the job now.
+    restart: bool
+    reason: Reason
+    message: str
+    backoff_seconds: int = 0
+    #: Nodes the next attempt should avoid (preferred node anti-affinity).
+    avoid_nodes: tuple[str, ...] = ()
+
+
+def recovery(failure: Failure, restarts: int, policy: RestartPolicy) -> Recovery:
+    """Restart or fail after ``failure``, with ``restarts`` restarts already used.
+
+    User errors fail at once with the trainer's message; retryable failures restart until
+    maxRestarts is used up, then fail with MaxRestartsExceeded and the last failure.
+    """
+    avoid = (failure.node,) if failure.node else ()
+    if not failure.retryable:
+        return Recovery(False, failure.reason, failure.message)
+    if restarts >= policy.max_restarts:
+        return Recovery(
+            False,
+            Reason.MAX_RESTARTS_EXCEEDED,
+            f"gave up after {restarts} restarts (maxRestarts {policy.max_restarts}); "
+            f"last failure: {failure.reason}: {failure.message}",
+        )
+    wait = next_backoff(restarts, policy)
+    return Recovery(
+        True,
+        failure.reason,
+        f"restart {restarts + 1} of {policy.max_restarts} in {wait}s after "
+        f"{failure.reason}: {failure.message}",
+        wait,
+        avoid,
+    )
+
+
 def _pod_window(pod: Mapping[str, Any], now: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
     start = parse_time(_get(pod, "status", "startTime"))
     if start is None:
@@ -616,6 +656,7 @@ __all__ = [
     "GangState",
     "ProgressUpdate",
     "Reason",
+    "Recovery",
     "classify_pod_failure",
     "derive_phase",
     "gang_state",
@@ -626,4 +667,5 @@ __all__ = [
     "parse_time",
     "progress_from_annotation",
     "progress_summary",
+    "recovery",
 ]
