@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Write docs/api-reference.md: one table per object of the graft.dev/v1alpha1 API.
+
+The tables come from the pydantic models (the same ones the CRDs are generated from), so
+they cannot drift. ``--check`` exits 1 when the file differs from what would be written.
+
+    .venv/bin/python hack/gen-api-docs.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from graft.api import finetunejob as ftj
+from graft.api import modelservice as ms
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "api-reference.md"
+
+ROOTS: list[tuple[str, type[BaseModel], str]] = [
+    ("FineTuneJob", ftj.FineTuneJobSpec, "spec"),
+    ("FineTuneJob", ftj.FineTuneJobStatus, "status"),
+    ("ModelService", ms.ModelServiceSpec, "spec"),
+    ("ModelService", ms.ModelServiceStatus, "status"),
+]
+
+
+def _strip(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional) with Annotated and None removed."""
+    optional = False
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            optional = optional or len(args) < len(typing.get_args(tp))
+            if len(args) == 1:
+                tp = args[0]
+                continue
+        return tp, optional
+
+
+def _models_in(tp: Any) -> list[type[BaseModel]]:
+    tp, _ = _strip(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
+    out: list[type[BaseModel]] = []
+    for arg in typing.get_args(tp):
+        out.extend(_models_in(arg))
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    tp, _ = _strip(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "map"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " \\| ".join(f"`{m.value}`" for m in tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return f"[{tp.__name__}](#{tp.__name__.lower()})"
+    names = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    if tp is Any:
+        return "any"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        value = info.default_factory()  # type: ignore[call-arg]
+        if isinstance(value, BaseModel):
+            return "(object defaults)"
+        return f"`{value!r}`" if value not in ([], {}) else ""
+    if info.default is PydanticUndefined:
+        return "**required**"
+    if info.default is None:
+        return ""
+    if info.default == "":
+        return '`""`'
+    value = info.default
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def _bounds(info: FieldInfo) -> str:
+    parts: list[str] = []
+    for m in info.metadata:
+        for attr, sym in (("ge", "min"), ("gt", "above"), ("le", "max"), ("lt", "below")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v}")
+        for attr, label in (("min_length", "min length"), ("max_length", "max length")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{label} {v}")
+    return ", ".join(parts)
+
+
+def _cell(text: str) -> str:
+    # Markdown would read <claim> as an HTML tag and drop it.
+    text = text.replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(model: type[BaseModel]) -> list[str]:
+    lines = [f"### {model.__name__}", ""]
+    doc = (model.__doc__ or "").strip()
+    if doc:
+        lines += [_cell(doc.splitlines()[0]), ""]
+    lines += ["| field | type | default | description |", "|---|---|---|---|"]
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        if key in ("apiVersion", "kind", "metadata"):
+            continue
+        desc = info.description or ""
+        bounds = _bounds(info)
+        if bounds:
+            desc = f"{desc} ({bounds})" if desc else f"({bounds})"
+        lines.append(
+            f"| `{key}` | {_type_name(info.annotation)} | {_default(info)} | {_cell(desc)} |"
+        )
+    lines.append("")
+    return lines
+
+
+def render() -> str:
+    out = [
+        "# API reference: graft.dev/v1alpha1",
+        "",
+        "Generated by `hack/gen-api-docs.py` from the pydantic models in "
+        "`operator/src/graft/api/`; do not edit by hand. Overviews: "
+        "[FineTuneJob](finetunejob.md).",
+        "",
+    ]
+    seen: set[type[BaseModel]] = set()
+    current_kind = ""
+    for kind, root, part in ROOTS:
+        if kind != current_kind:
+            out += [f"## {kind}", ""]
+            current_kind = kind
+        out += [f"`{part}` is a [{root.__name__}](#{root.__name__.lower()}).", ""]
+        queue = [root]
+        while queue:
+            model = queue.pop(0)
+            if model in seen:
+                continue
+            seen.add(model)
+            out += _table(model)
+            for info in model.model_fields.values():
+                queue.extend(m for m in _models_in(info.annotation) if m not in seen)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--check", action="store_true", help="fail if the file is stale")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run hack/gen-api-docs.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
