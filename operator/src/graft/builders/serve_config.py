@@ -1,0 +1,116 @@
+"""Render a ModelService's Ray Serve config (``serveConfigV2`` of its RayService).
+
+The config must validate against Ray's ``ray.serve.schema.ServeDeploySchema`` (a unit test
+checks it; this module does not import ray). Adapters are in the deployment's
+``user_config``, so changing them is a Serve reconfigure of the running replicas.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from graft.api.modelservice import Engine, ModelService
+
+#: The one application of a ModelService's serve config; its key in RayService status
+#: ``activeServiceStatus.applicationStatuses``.
+APP_NAME = "llm"
+DEPLOYMENT_NAME = "LLMServer"
+IMPORT_PATH = "graft.runtime.serve.app:build_app"
+ROUTE_PREFIX = "/"
+SERVE_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter with a concrete URI (``fromFineTuneJob`` already looked up)."""
+
+    name: str
+    uri: str
+
+
+def served_name(msvc: ModelService) -> str:
+    """The base model's name in the OpenAI API: spec.model.servedName or the CR's name."""
+    return msvc.spec.model.served_name or str(msvc.metadata.get("name", "model"))
+
+
+def resolved_engine(msvc: ModelService) -> Engine:
+    """``auto`` is vLLM when replicas have GPUs, transformers otherwise."""
+    if msvc.spec.engine != Engine.AUTO:
+        return msvc.spec.engine
+    return Engine.VLLM if msvc.spec.resources.gpus_per_replica > 0 else Engine.TRANSFORMERS
+
+
+_SUFFIX = {
+    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity (``500m``, ``8``, ``64Gi``) as a number."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", value)
+    if not m or (m.group(2) and m.group(2) not in _SUFFIX):
+        raise ValueError(f"not a quantity: {value!r}")
+    return float(m.group(1)) * _SUFFIX.get(m.group(2), 1.0)
+
+
+def replica_cpus(msvc: ModelService) -> float:
+    """Ray CPUs per replica: spec.resources.cpu, else 1."""
+    cpu = msvc.spec.resources.cpu
+    return quantity(cpu) if cpu else 1.0
+
+
+def max_ongoing_requests(target: float) -> int:
+    # Serve scales on requests in flight per replica and stops sending a replica more than
+    # max_ongoing_requests; twice the target leaves room for the autoscaler to see load
+    # above target while keeping queues short.
+    return max(2, math.ceil(2 * target))
+
+
+def build_serve_config(msvc: ModelService, adapters: list[ResolvedAdapter]) -> dict[str, Any]:
+    """The serveConfigV2 dict of ``msvc`` serving ``adapters`` (in the given order)."""
+    spec = msvc.spec
+    a = spec.autoscaling
+    actor: dict[str, Any] = {
+        "num_cpus": replica_cpus(msvc),
+        "num_gpus": spec.resources.gpus_per_replica,
+    }
+    if spec.resources.memory:
+        actor["memory"] = int(quantity(spec.resources.memory))
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "import_path": IMPORT_PATH,
+                "route_prefix": ROUTE_PREFIX,
+                "args": {
+                    "model": {"name": served_name(msvc), "uri": spec.model.base_model.uri},
+                    "engine": resolved_engine(msvc).value,
+                    "maxModelLen": spec.model.max_model_len,
+                    "tensorParallelSize": spec.resources.tensor_parallel_size,
+                },
+                "deployments": [
+                    {
+                        "name": DEPLOYMENT_NAME,
+                        "max_ongoing_requests": max_ongoing_requests(a.target_ongoing_requests),
+                        "autoscaling_config": {
+                            "min_replicas": a.min_replicas,
+                            "max_replicas": a.max_replicas,
+                            "target_ongoing_requests": a.target_ongoing_requests,
+                            "upscale_delay_s": a.upscale_delay_seconds,
+                            "downscale_delay_s": a.downscale_delay_seconds,
+                        },
+                        "ray_actor_options": actor,
+                        "user_config": {
+                            "adapters": [{"name": x.name, "uri": x.uri} for x in adapters]
+                        },
+                    }
+                ],
+            }
+        ],
+    }
