@@ -231,6 +231,11 @@ def test_classify_pod_failure(
     assert got.pod == "llama-sft-a1-r0" and got.rank == 0 and got.node == "gpu-1"
 
 
+def test_unknown_nodes_are_not_lost_nodes() -> None:
+    # right after an operator restart the node cache may still be empty
+    assert classify_pod_failure(PodBuilder().on("gpu-1").running().obj(), {}) is None
+
+
 def test_classify_tolerates_garbage() -> None:
     assert classify_pod_failure({}, {}) is None
     weird = {"status": {"phase": "Failed", "containerStatuses": [{"state": "oops"}]}}

@@ -263,6 +263,8 @@ def classify_pod_failure(
 
     ``nodes`` maps node name to Node object and must hold every Node of the cluster (or at
     least of the pool): a Pod bound to a node missing from it counts as on a deleted node.
+    An empty map is taken as "nodes not known yet" (a cache still syncing after an
+    operator restart) and skips the node checks, rather than declaring every node lost.
 
     Order matters: a terminal verdict the Pod itself carries (eviction, the trainer's exit)
     beats the state of its node, so a user error is not retried just because the node
@@ -314,7 +316,7 @@ def classify_pod_failure(
             )
         return fail(True, Reason.TRAINER_CRASHED, f"pod {name} failed{where}")
 
-    if node is not None:
+    if node is not None and nodes:
         if node not in nodes:
             return fail(True, Reason.NODE_LOST, f"node {node} of pod {name} was deleted")
         ready = _node_ready(nodes[node])
@@ -393,8 +395,9 @@ def gang_state(
     """Pending, Running (every rank runs), Succeeded (every rank succeeded) or Failed.
 
     ``pods`` are the Pods of one attempt; ``expected`` is its rank count (default: as many
-    as there are Pods). A Pod counts as stuck when it has been Pending (or unbound) for
-    more than ``pending_timeout_s`` since its creationTimestamp.
+    as there are Pods). Call it before the operator deletes an attempt's Pods itself: Pods
+    being deleted count as failed (PodDeleted). A Pod counts as stuck when it has been
+    Pending (or unbound) for more than ``pending_timeout_s`` since its creationTimestamp.
     """
     pod_list = list(pods)
     n = expected if expected is not None else len(pod_list)
