@@ -14,7 +14,8 @@ import yaml
 from graft.config import NodePool, Settings, load_settings
 from helm import CHART_DIR, NAMESPACE, REPO_ROOT, HelmError, find, lint, notes, one, render
 
-pytestmark = pytest.mark.usefixtures("helm")
+#: Tests that run helm; the others (schema, docs) run without it.
+needs_helm = pytest.mark.usefixtures("helm")
 
 Docs = list[dict[str, Any]]
 
@@ -30,7 +31,7 @@ STANDARD_LABELS = (
 
 
 @pytest.fixture(scope="module")
-def default_docs() -> Docs:
+def default_docs(helm: Path) -> Docs:
     return render()
 
 
@@ -58,6 +59,7 @@ def graft_rules(doc: dict[str, Any]) -> list[dict[str, Any]]:
 # --- lint -------------------------------------------------------------------------------
 
 
+@needs_helm
 @pytest.mark.parametrize(
     "values",
     [
@@ -262,6 +264,7 @@ CASES: list[tuple[str, dict[str, Any], Callable[[Docs], None]]] = [
 ]
 
 
+@needs_helm
 @pytest.mark.parametrize(("values", "check"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_switch(values: dict[str, Any], check: Callable[[Docs], None]) -> None:
     check(render(values))
@@ -313,6 +316,7 @@ def test_standard_labels_everywhere(default_docs: Docs) -> None:
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
 
 
+@needs_helm
 @pytest.mark.parametrize(
     ("values", "expected", "absent"),
     [
@@ -366,6 +370,7 @@ def test_rendered_config_loads_and_yields_the_a100_pool(default_docs: Docs, tmp_
     assert settings.watch_namespaces == []
 
 
+@needs_helm
 def test_rendered_config_carries_every_setting(tmp_path: Path) -> None:
     values = {
         "config": {
@@ -396,6 +401,7 @@ def test_rendered_config_carries_every_setting(tmp_path: Path) -> None:
 SCHEMA = json.loads((CHART_DIR / "values.schema.json").read_text())
 
 
+@needs_helm
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
@@ -420,6 +426,7 @@ def test_a_typo_in_values_is_rejected_by_the_schema(values: dict[str, Any], need
     assert needle in err.value.stderr
 
 
+@needs_helm
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
