@@ -7,8 +7,8 @@ Its ``user_config`` carries the adapters: ``{"adapters": [{"name", "uri"}]}``. S
 come and go without restarting replicas (or the Ray cluster).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the route signatures at runtime
+# and Serve's ingress wrapper cannot resolve string annotations such as "Request".
 import logging
 import os
 from typing import Any
