@@ -16,17 +16,77 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COMPONENTS = ["gearbox", "main bearing", "pitch motor", "yaw drive", "generator", "converter",
-              "blade root", "hydraulic pump", "brake caliper", "anemometer", "slip ring",
-              "cooling fan", "tower flange", "nacelle crane", "transformer"]
-SYMPTOMS = ["vibration", "oil leak", "overheating", "noise", "corrosion", "cracking",
-            "misalignment", "wear", "voltage drop", "pressure loss", "sensor drift", "icing"]
-ACTIONS = ["replaced", "inspected", "lubricated", "re-torqued", "cleaned", "recalibrated",
-           "tightened", "rewired", "balanced", "flushed", "repainted", "tested"]
-SITES = ["North Ridge", "Coastal Bay", "Eastfield", "Highmoor", "Saltmarsh", "Pine Hill",
-         "Westgate", "Stormhead", "Clearwater", "Granite Point"]
-TECHS = ["Alvarez", "Brennan", "Chen", "Dubois", "Eriksen", "Fischer", "Garcia", "Haddad",
-         "Ivanova", "Jensen", "Kowalski", "Larsen"]
+COMPONENTS = [
+    "gearbox",
+    "main bearing",
+    "pitch motor",
+    "yaw drive",
+    "generator",
+    "converter",
+    "blade root",
+    "hydraulic pump",
+    "brake caliper",
+    "anemometer",
+    "slip ring",
+    "cooling fan",
+    "tower flange",
+    "nacelle crane",
+    "transformer",
+]
+SYMPTOMS = [
+    "vibration",
+    "oil leak",
+    "overheating",
+    "noise",
+    "corrosion",
+    "cracking",
+    "misalignment",
+    "wear",
+    "voltage drop",
+    "pressure loss",
+    "sensor drift",
+    "icing",
+]
+ACTIONS = [
+    "replaced",
+    "inspected",
+    "lubricated",
+    "re-torqued",
+    "cleaned",
+    "recalibrated",
+    "tightened",
+    "rewired",
+    "balanced",
+    "flushed",
+    "repainted",
+    "tested",
+]
+SITES = [
+    "North Ridge",
+    "Coastal Bay",
+    "Eastfield",
+    "Highmoor",
+    "Saltmarsh",
+    "Pine Hill",
+    "Westgate",
+    "Stormhead",
+    "Clearwater",
+    "Granite Point",
+]
+TECHS = [
+    "Alvarez",
+    "Brennan",
+    "Chen",
+    "Dubois",
+    "Eriksen",
+    "Fischer",
+    "Garcia",
+    "Haddad",
+    "Ivanova",
+    "Jensen",
+    "Kowalski",
+    "Larsen",
+]
 
 SENTENCES = [
     "Turbine {t} at {site} reported {sym} in the {comp}.",
@@ -42,9 +102,15 @@ SENTENCES = [
 
 def _fill(r: random.Random, template: str) -> str:
     return template.format(
-        t=f"T{r.randint(1, 400):03d}", site=r.choice(SITES), sym=r.choice(SYMPTOMS),
-        comp=r.choice(COMPONENTS), tech=r.choice(TECHS), act=r.choice(ACTIONS),
-        n=r.randint(100, 90000), p=r.randint(60, 100), wo=f"WO-{r.randint(10000, 99999)}",
+        t=f"T{r.randint(1, 400):03d}",
+        site=r.choice(SITES),
+        sym=r.choice(SYMPTOMS),
+        comp=r.choice(COMPONENTS),
+        tech=r.choice(TECHS),
+        act=r.choice(ACTIONS),
+        n=r.randint(100, 90000),
+        p=r.randint(60, 100),
+        wo=f"WO-{r.randint(10000, 99999)}",
         w=r.randint(3, 25),
     )
 
@@ -68,23 +134,29 @@ def instruction_records(n: int, *, seed: int = 0) -> list[dict[str, str]]:
         site = r.choice(SITES)
         kind = r.randrange(3)
         if kind == 0:
-            out.append({
-                "instruction": f"What should be done about {sym} in the {comp}?",
-                "input": f"Turbine {t} at {site}.",
-                "output": f"The {comp} of turbine {t} should be {act} and checked for {sym}.",
-            })
+            out.append(
+                {
+                    "instruction": f"What should be done about {sym} in the {comp}?",
+                    "input": f"Turbine {t} at {site}.",
+                    "output": f"The {comp} of turbine {t} should be {act} and checked for {sym}.",
+                }
+            )
         elif kind == 1:
-            out.append({
-                "instruction": "Summarize the maintenance log entry.",
-                "input": _fill(r, SENTENCES[1]) + " " + _fill(r, SENTENCES[0]),
-                "output": f"The {comp} needed work because of {sym}.",
-            })
+            out.append(
+                {
+                    "instruction": "Summarize the maintenance log entry.",
+                    "input": _fill(r, SENTENCES[1]) + " " + _fill(r, SENTENCES[0]),
+                    "output": f"The {comp} needed work because of {sym}.",
+                }
+            )
         else:
-            out.append({
-                "instruction": f"Which component of turbine {t} was {act}?",
-                "input": "",
-                "output": f"The {comp} of turbine {t} was {act}.",
-            })
+            out.append(
+                {
+                    "instruction": f"Which component of turbine {t} was {act}?",
+                    "input": "",
+                    "output": f"The {comp} of turbine {t} was {act}.",
+                }
+            )
     return out
 
 
@@ -93,11 +165,15 @@ def chat_records(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
     out = []
     for rec in instruction_records(n, seed=seed):
         user = rec["instruction"] + (f"\n\n{rec['input']}" if rec["input"] else "")
-        out.append({"messages": [
-            {"role": "system", "content": "You are a wind-turbine maintenance assistant."},
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": rec["output"]},
-        ]})
+        out.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are a wind-turbine maintenance assistant."},
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": rec["output"]},
+                ]
+            }
+        )
     return out
 
 

@@ -20,8 +20,9 @@ def default_training_text(seed: int = 0) -> list[str]:
     """Text covering the synthetic corpus and the prompt templates the trainer renders."""
     docs = domain_documents(200, seed=seed + 1000)
     for rec in instruction_records(100, seed=seed + 1001):
-        docs.append(f"### User:\n{rec['instruction']}\n\n{rec['input']}\n\n### Assistant:\n"
-                    f"{rec['output']}")
+        docs.append(
+            f"### User:\n{rec['instruction']}\n\n{rec['input']}\n\n### Assistant:\n{rec['output']}"
+        )
     for chat in chat_records(20, seed=seed + 1002):
         docs.append("\n".join(m["content"] for m in chat["messages"]) + "\n### System:\n")
     return docs
@@ -42,7 +43,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         unk_token="<unk>",
         bos_token="<s>",
@@ -70,8 +71,9 @@ def build_tiny_model(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dest = Path(dest)
-    tokenizer = train_tokenizer(texts if texts is not None else default_training_text(seed),
-                                vocab_size)
+    tokenizer = train_tokenizer(
+        texts if texts is not None else default_training_text(seed), vocab_size
+    )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -110,8 +112,13 @@ def build_tiny_adapter(
     model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True)
     peft_model = get_peft_model(
         model,
-        LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
-                   task_type="CAUSAL_LM", init_lora_weights=False),
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=list(target_modules),
+            task_type="CAUSAL_LM",
+            init_lora_weights=False,
+        ),
     )
     dest = Path(dest)
     peft_model.save_pretrained(str(dest))

@@ -12,6 +12,7 @@ falls back to an older checkpoint when the newest is damaged.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -217,8 +218,7 @@ class CheckpointStore:
         """The checkpoint if its manifest is there and every file matches it, else None."""
         manifest = self.read_manifest(name)
         if manifest is None:
-            log.warning("checkpoint has no complete manifest; skipped",
-                        extra={"checkpoint": name})
+            log.warning("checkpoint has no complete manifest; skipped", extra={"checkpoint": name})
             return None
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
@@ -228,14 +228,19 @@ class CheckpointStore:
             try:
                 got = sha256_file(path, self.fs)
             except FileNotFoundError:
-                log.warning("checkpoint file missing; skipped",
-                            extra={"checkpoint": name, "file": filename})
+                log.warning(
+                    "checkpoint file missing; skipped", extra={"checkpoint": name, "file": filename}
+                )
                 return None
             if got.size != want.get("size") or got.sha256 != want.get("sha256"):
                 log.warning(
                     "checkpoint file damaged (size or SHA-256 differs); skipped",
-                    extra={"checkpoint": name, "file": filename, "size": got.size,
-                           "expectedSize": want.get("size")},
+                    extra={
+                        "checkpoint": name,
+                        "file": filename,
+                        "size": got.size,
+                        "expectedSize": want.get("size"),
+                    },
                 )
                 return None
         stage, step = parse_name(name) or (0, 0)
@@ -273,10 +278,8 @@ class CheckpointStore:
             if n not in complete and newest_complete and key and key < newest_complete:
                 doomed.add(n)
         for n in sorted(doomed):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._dir(n), recursive=True)
-            except FileNotFoundError:
-                pass
         if self.root.local and Path(self.root.path).exists():
             for p in Path(self.root.path).glob(".tmp-ckpt-*"):
                 shutil.rmtree(p, ignore_errors=True)

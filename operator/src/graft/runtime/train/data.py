@@ -129,8 +129,9 @@ def _jsonl_record(obj: dict[str, Any], path: str, n: int, field: str) -> Record:
 
 def _alpaca_record(obj: Any, where: str) -> Record:
     if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected an object with instruction/input/output",
-                        reason="MalformedDataset")
+        raise UserError(
+            f"{where}: expected an object with instruction/input/output", reason="MalformedDataset"
+        )
     instr, inp, out = obj.get("instruction"), obj.get("input", ""), obj.get("output")
     if not isinstance(instr, str) or not isinstance(out, str) or not isinstance(inp, str | None):
         raise UserError(
@@ -191,7 +192,8 @@ def _chat_record(obj: dict[str, Any], path: str, n: int) -> Record:
             )
         out.append((role, content))
     if not any(r == "assistant" for r, _ in out):
-        raise UserError(f"{where}: no assistant message, nothing to learn from",
-                        reason="MalformedDataset")
+        raise UserError(
+            f"{where}: no assistant message, nothing to learn from", reason="MalformedDataset"
+        )
     messages = tuple(out)
     return Record("\n".join(c for _, c in messages), messages, where)

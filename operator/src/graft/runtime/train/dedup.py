@@ -73,7 +73,9 @@ def normalize(text: str) -> str:
 
 
 def _hash64(text: str, salt: bytes = b"") -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=salt).digest(), "big")
+    return int.from_bytes(
+        hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=salt).digest(), "big"
+    )
 
 
 def in_eval(normalized: str, fraction: float) -> bool:

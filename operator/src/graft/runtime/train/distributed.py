@@ -109,8 +109,11 @@ def choose_parallelism(
     choice = Parallelism.DDP if need <= 0.8 * total else Parallelism.FSDP
     log.info(
         "parallelism chosen",
-        extra={"choice": choice.value, "needGiB": round(need / 2**30, 2),
-               "gpuGiB": round(total / 2**30, 2)},
+        extra={
+            "choice": choice.value,
+            "needGiB": round(need / 2**30, 2),
+            "gpuGiB": round(total / 2**30, 2),
+        },
     )
     return choice
 
@@ -124,7 +127,9 @@ def wrap(model: torch.nn.Module, parallelism: Parallelism, d: Dist) -> torch.nn.
         from torch.distributed.fsdp import ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        layer_classes = {type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")}
+        layer_classes = {
+            type(m) for m in model.modules() if type(m).__name__.endswith("DecoderLayer")
+        }
         return FSDP(
             model,
             auto_wrap_policy=ModuleWrapPolicy(layer_classes) if layer_classes else None,

@@ -98,7 +98,9 @@ def classify(exc: BaseException, *, started: bool) -> Termination:
                 "maxSeqLength, turn on gradientCheckpointing, use method lora/qlora, or "
                 "request more or larger GPUs",
             )
-        return Termination(EXIT_CRASH, "OutOfMemory", True, f"out of memory during training: {text}")
+        return Termination(
+            EXIT_CRASH, "OutOfMemory", True, f"out of memory during training: {text}"
+        )
     if isinstance(exc, OSError):
         return Termination(
             EXIT_RETRYABLE,
@@ -132,4 +134,6 @@ def write_termination(path: Path | None, term: Termination) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        log.warning("could not write termination message", extra={"path": str(path), "error": str(e)})
+        log.warning(
+            "could not write termination message", extra={"path": str(path), "error": str(e)}
+        )

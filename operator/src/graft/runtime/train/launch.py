@@ -9,6 +9,7 @@ checkpoint) instead of letting the agent SIGKILL them 30 seconds later.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -60,8 +61,12 @@ def run_worker(env: RuntimeEnv) -> int:
             return EXIT_OK
         term = classify(e, started=started)
         level = logging.WARNING if term.code == EXIT_RETRYABLE else logging.ERROR
-        log.log(level, term.message, extra={"reason": term.reason, "exitCode": term.code},
-                exc_info=term.code == EXIT_CRASH)
+        log.log(
+            level,
+            term.message,
+            extra={"reason": term.reason, "exitCode": term.code},
+            exc_info=term.code == EXIT_CRASH,
+        )
         exit_dir = os.environ.get(EXIT_DIR_ENV)
         if exit_dir:
             rank = os.environ.get("RANK", "0")
@@ -114,19 +119,26 @@ def merge_exit_records(exit_dir: Path) -> Termination | None:
 
 def torchrun_args(env: RuntimeEnv) -> list[str]:
     args = [
-        "--nnodes", str(env.nnodes),
-        "--nproc-per-node", str(env.nproc_per_node),
+        "--nnodes",
+        str(env.nnodes),
+        "--nproc-per-node",
+        str(env.nproc_per_node),
         # The operator restarts the whole gang from a checkpoint; torchrun must not.
-        "--max-restarts", "0",
-        "--monitor-interval", "1",
+        "--max-restarts",
+        "0",
+        "--monitor-interval",
+        "1",
     ]
     if env.nnodes == 1 and not env.master_addr:
         args.append("--standalone")
     else:
         args += [
-            "--node-rank", str(env.node_rank),
-            "--master-addr", env.master_addr or "127.0.0.1",
-            "--master-port", str(env.master_port),
+            "--node-rank",
+            str(env.node_rank),
+            "--master-addr",
+            env.master_addr or "127.0.0.1",
+            "--master-port",
+            str(env.master_port),
         ]
     return [*args, "-m", "graft.runtime.train"]
 
@@ -148,30 +160,35 @@ def run_torchrun(env: RuntimeEnv) -> int:
     def forward(signum: int, frame: Any) -> None:
         terminated.set()
         for pid in _children(me):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     args = get_args_parser().parse_args(torchrun_args(env))
     term: Termination | None
     try:
-        torch_run(args)
+        torch_run(args)  # type: ignore[no-untyped-call]
         code = EXIT_OK
         term = None
     except ChildFailedError:
         term = merge_exit_records(exit_dir) or Termination(
-            EXIT_CRASH, "Crashed", True, "a trainer process died without a message (killed, "
-            "or crashed in native code); see the pod log"
+            EXIT_CRASH,
+            "Crashed",
+            True,
+            "a trainer process died without a message (killed, "
+            "or crashed in native code); see the pod log",
         )
         code = term.code
     except Exception as e:
         name = type(e).__name__
         if "Rendezvous" in name or "DistNetworkError" in name or "DistStoreError" in name:
-            term = Termination(EXIT_RETRYABLE, "RendezvousFailed", True,
-                               f"rendezvous with the other pods failed: {e}")
+            term = Termination(
+                EXIT_RETRYABLE,
+                "RendezvousFailed",
+                True,
+                f"rendezvous with the other pods failed: {e}",
+            )
         else:
             term = classify(e, started=False)
         code = term.code

@@ -137,7 +137,7 @@ def load_model(
         except ImportError as e:  # pragma: no cover - depends on the image
             raise UserError(f"method qlora needs bitsandbytes: {e}") from None
         compute = torch.bfloat16 if precision == Precision.BF16 else torch.float16
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
@@ -150,7 +150,7 @@ def load_model(
         kwargs["dtype"] = torch.bfloat16 if precision == Precision.BF16 else torch.float16
     elif method == Method.FULL or device.type != "cuda":
         kwargs["dtype"] = torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if method != Method.QLORA:
         model.to(device)
     tokenizer = load_tokenizer(path)
@@ -162,18 +162,21 @@ def load_model(
         missing = [t for t in spec.lora.target_modules if t not in _module_names(model)]
         if missing:
             linear = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear)
+                }
+                - {"lm_head"}
             )
             raise UserError(
-                f"lora.targetModules {missing} do not exist in this model; pick from "
-                f"{linear}",
+                f"lora.targetModules {missing} do not exist in this model; pick from {linear}",
                 reason="UnknownTargetModules",
             )
         if method == Method.QLORA:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(
+            model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
                 model, use_gradient_checkpointing=spec.hyperparameters.gradient_checkpointing
             )
         lcfg = LoraConfig(
@@ -190,9 +193,7 @@ def load_model(
     return LoadedModel(model, tokenizer, config, path, is_peft)
 
 
-def save_output(
-    loaded: LoadedModel, spec: FineTuneJobSpec, out: Location, workdir: Path
-) -> str:
+def save_output(loaded: LoadedModel, spec: FineTuneJobSpec, out: Location, workdir: Path) -> str:
     """Write the adapter or the model (and ``merged/``) to ``output.uri``; returns the kind."""
     model: Any = loaded.model
     kind = "adapter" if loaded.is_peft else "model"

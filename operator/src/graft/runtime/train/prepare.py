@@ -37,7 +37,11 @@ class PreparedStage:
 
 
 def fingerprint(
-    loc: Location, dataset: Dataset, prep: DataPrep, stage_type: StageType, seq_len: int,
+    loc: Location,
+    dataset: Dataset,
+    prep: DataPrep,
+    stage_type: StageType,
+    seq_len: int,
     tokenizer: Any,
 ) -> str:
     fs = loc.filesystem()

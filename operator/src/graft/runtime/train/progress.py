@@ -29,7 +29,7 @@ def now() -> str:
 def format_eta(seconds: float | None) -> str | None:
     if seconds is None or seconds != seconds or seconds < 0:
         return None
-    s = int(round(seconds))
+    s = round(seconds)
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
     if h:
@@ -58,16 +58,14 @@ class PodAnnotator:
         if self._api is None:
             from kubernetes import client, config
 
-            config.load_incluster_config()
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
             self._api = client.CoreV1Api()
         return self._api
 
     def _patch(self, payload: str) -> None:
         body = {"metadata": {"annotations": {ANNOTATION: payload}}}
         try:
-            self._client().patch_namespaced_pod(
-                self.pod, self.namespace, body, _request_timeout=5
-            )
+            self._client().patch_namespaced_pod(self.pod, self.namespace, body, _request_timeout=5)
             self._failures = 0
         except Exception as e:  # reporting must never stop training
             self._failures += 1

@@ -68,7 +68,7 @@ from graft.runtime.train.model import (
     save_output,
 )
 from graft.runtime.train.prepare import PreparedStage, prepare_stage
-from graft.runtime.train.progress import PodAnnotator, Reporter, format_eta, now
+from graft.runtime.train.progress import PodAnnotator, Reporter, format_eta
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
@@ -202,8 +202,13 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-         n["cached_gaussian"])
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -249,8 +254,11 @@ class Trainer:
     def _validate(self, d: gdist.Dist, plans: list[StagePlan]) -> None:
         spec, hp = self.spec, self.spec.hyperparameters
         for p in plans:
-            loc = resolve(spec.stages[p.index].dataset.uri, self.env.pvc_root,
-                          what=f"stages[{p.index}].dataset.uri")
+            loc = resolve(
+                spec.stages[p.index].dataset.uri,
+                self.env.pvc_root,
+                what=f"stages[{p.index}].dataset.uri",
+            )
             list_files(loc)
         if spec.method == Method.QLORA and d.device.type != "cuda":
             raise UserError(
@@ -258,11 +266,12 @@ class Trainer:
                 "a CUDA GPU: request GPUs (resources.gpus) or use method lora on CPU",
                 reason="QLoRARequiresCUDA",
             )
-        if hp.global_batch_size % (hp.micro_batch_size * d.world_size):
+        unit = hp.micro_batch_size * d.world_size
+        if hp.global_batch_size % unit:
+            fix = unit * max(1, hp.global_batch_size // unit)
             raise UserError(
                 f"globalBatchSize {hp.global_batch_size} must be a multiple of microBatchSize "
-                f"({hp.micro_batch_size}) x processes ({d.world_size}); for example "
-                f"{hp.micro_batch_size * d.world_size * max(1, hp.global_batch_size // (hp.micro_batch_size * d.world_size))}",
+                f"({hp.micro_batch_size}) x processes ({d.world_size}): use for example {fix}",
                 reason="InvalidConfig",
             )
 
@@ -272,8 +281,10 @@ class Trainer:
             log.warning("precision fp16 is not supported on CPU; training in fp32")
             return Precision.FP32
         if device.type == "cuda" and p == Precision.BF16 and not torch.cuda.is_bf16_supported():
-            raise UserError("precision bf16 needs an Ampere (A100) or newer GPU: use fp16",
-                            reason="InvalidConfig")
+            raise UserError(
+                "precision bf16 needs an Ampere (A100) or newer GPU: use fp16",
+                reason="InvalidConfig",
+            )
         return p
 
     def _local_first(self, d: gdist.Dist, fn: Callable[[], Any]) -> Any:
@@ -311,12 +322,14 @@ class Trainer:
         t0 = time.monotonic()
         reporter.emit(force=True, state="checkpointing")
         name = checkpoint_name(stage.index, step)
-        fsdp = self._fsdp
-        if fsdp:
+        model_sd: Any
+        optim_sd: Any
+        if self._fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                    ignore_frozen_params=True)
+            opts = StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+            )
             model_sd, optim_sd = get_state_dict(model, optimizer or [], options=opts)
         else:
             model_sd = self._trainable_state(raw)
@@ -358,14 +371,20 @@ class Trainer:
         info: CheckpointInfo | None = None
         if d.is_main:
             merged = {k: FileEntry(*v) for g in gathered for k, v in g.items()}
-            info = store.commit(name, merged, {"stageComplete": complete, "worldSize": d.world_size})
+            info = store.commit(
+                name, merged, {"stageComplete": complete, "worldSize": d.world_size}
+            )
             self.last_ckpt = {"step": step, "uri": info.uri, "time": info.manifest["time"]}
             size = sum(e.size for e in merged.values())
             secs = time.monotonic() - t0
             log.info(
                 "checkpoint written",
-                extra={"checkpoint": info.uri, "bytes": size, "seconds": round(secs, 3),
-                       "MBps": round(size / 2**20 / max(secs, 1e-9), 1)},
+                extra={
+                    "checkpoint": info.uri,
+                    "bytes": size,
+                    "seconds": round(secs, 3),
+                    "MBps": round(size / 2**20 / max(secs, 1e-9), 1),
+                },
             )
         d.barrier()
         reporter.emit(force=True, state="training", lastCheckpoint=self.last_ckpt)
@@ -390,8 +409,13 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             opts = StateDictOptions(full_state_dict=True, strict=False)
-            set_state_dict(model, optimizer or [], model_state_dict=model_sd,
-                           optim_state_dict=optim_sd or {}, options=opts)
+            set_state_dict(
+                model,
+                optimizer or [],
+                model_state_dict=model_sd,
+                optim_state_dict=optim_sd or {},
+                options=opts,
+            )
         else:
             result = raw.load_state_dict(model_sd, strict=False)
             trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
@@ -415,8 +439,11 @@ class Trainer:
             if rng_file.exists():
                 set_rng_state(torch.load(rng_file, weights_only=False))
             else:
-                log.warning("no RNG state for this rank (world size changed); results will "
-                            "differ from an uninterrupted run", extra={"rank": d.rank})
+                log.warning(
+                    "no RNG state for this rank (world size changed); results will "
+                    "differ from an uninterrupted run",
+                    extra={"rank": d.rank},
+                )
 
     # --- the run ---------------------------------------------------------------------
     _fsdp = False
@@ -425,8 +452,9 @@ class Trainer:
         d = gdist.init()
         annotator = None
         if d.is_main and self.env.pod_name and self.env.pod_namespace:
-            annotator = PodAnnotator(self.env.pod_name, self.env.pod_namespace,
-                                     self.env.annotation_interval)
+            annotator = PodAnnotator(
+                self.env.pod_name, self.env.pod_namespace, self.env.annotation_interval
+            )
         reporter = Reporter(
             enabled=d.is_main,
             interval=self.env.progress_interval,
@@ -462,8 +490,8 @@ class Trainer:
         self._validate(d, plans)
         precision = self._precision(d.device)
         mpath: Path = self._local_first(
-            d, lambda: model_dir(spec.base_model.uri, env.pvc_root, workdir,
-                                 allow_hub=env.allow_hub)
+            d,
+            lambda: model_dir(spec.base_model.uri, env.pvc_root, workdir, allow_hub=env.allow_hub),
         )
         config = load_config(mpath)
         for p in plans:
@@ -478,16 +506,26 @@ class Trainer:
         n_params = sum(p.numel() for p in raw.parameters())
         n_train = sum(p.numel() for p in params)
         parallelism = gdist.choose_parallelism(
-            spec.resources.parallelism, n_params=n_params, n_trainable=n_train,
-            method=spec.method, device=d.device,
+            spec.resources.parallelism,
+            n_params=n_params,
+            n_trainable=n_train,
+            method=spec.method,
+            device=d.device,
         )
         self._fsdp = d.enabled and parallelism == Parallelism.FSDP
         model = gdist.wrap(raw, parallelism, d)
         if self._fsdp:
             params = [p for p in model.parameters() if p.requires_grad]
-        log.info("model ready", extra={"params": n_params, "trainable": n_train,
-                                        "parallelism": parallelism.value,
-                                        "device": str(d.device), "world": d.world_size})
+        log.info(
+            "model ready",
+            extra={
+                "params": n_params,
+                "trainable": n_train,
+                "parallelism": parallelism.value,
+                "device": str(d.device),
+                "world": d.world_size,
+            },
+        )
 
         ckpt_loc = resolve(checkpoint_uri(spec, env), env.pvc_root, what="checkpoint.uri")
         store = CheckpointStore(ckpt_loc, spec.checkpoint.keep, workdir / "ckpt-staging")
@@ -501,18 +539,32 @@ class Trainer:
         if resume_name:
             resume_dir = store.local_dir(resume_name)
             resume_state = json.loads((resume_dir / "trainer_state.json").read_text())
-            log.info("resuming", extra={"checkpoint": store.uri(resume_name),
-                                         "stage": resume_state["stage"],
-                                         "step": resume_state["step"]})
-            self.last_ckpt = {"step": resume_state["step"], "uri": store.uri(resume_name),
-                              "time": None}
-            if self.job.resume_from and self.job.resume_from.rstrip("/").rsplit("/", 1)[-1] > resume_name:
-                log.warning("newest usable checkpoint is older than the one the operator "
-                            "expected (it was damaged or removed)",
-                            extra={"expected": self.job.resume_from, "using": resume_name})
+            log.info(
+                "resuming",
+                extra={
+                    "checkpoint": store.uri(resume_name),
+                    "stage": resume_state["stage"],
+                    "step": resume_state["step"],
+                },
+            )
+            self.last_ckpt = {
+                "step": resume_state["step"],
+                "uri": store.uri(resume_name),
+                "time": None,
+            }
+            if (
+                self.job.resume_from
+                and self.job.resume_from.rstrip("/").rsplit("/", 1)[-1] > resume_name
+            ):
+                log.warning(
+                    "newest usable checkpoint is older than the one the operator "
+                    "expected (it was damaged or removed)",
+                    extra={"expected": self.job.resume_from, "using": resume_name},
+                )
             # Weights first, for every case; optimizer state below, for a stage cut short.
-            self._load(resume_dir, d, model=model, raw=raw, optimizer=None, scheduler=None,
-                       scaler=None)
+            self._load(
+                resume_dir, d, model=model, raw=raw, optimizer=None, scheduler=None, scaler=None
+            )
 
         result = TrainResult(
             output_uri=spec.output.uri,
@@ -523,17 +575,31 @@ class Trainer:
         every_steps, every_secs = checkpoint_every(spec)
         for plan in plans:
             r_stage = int(resume_state.get("stage", -1))
-            if resume_name and (r_stage > plan.index or
-                                (r_stage == plan.index and resume_state.get("stageComplete"))):
-                result.stages.append(StageResult(plan.name, plan.type.value, 0, 0, [], None,
-                                                 None, 0.0, {}, skipped=True))
+            if resume_name and (
+                r_stage > plan.index
+                or (r_stage == plan.index and resume_state.get("stageComplete"))
+            ):
+                result.stages.append(
+                    StageResult(
+                        plan.name, plan.type.value, 0, 0, [], None, None, 0.0, {}, skipped=True
+                    )
+                )
                 continue
             if self.stop.requested:
                 raise Terminated("stop requested between stages; the last checkpoint is current")
             res = self._train_stage(
-                d, reporter, plan, model=model, raw=raw, loaded=loaded, params=params,
-                precision=precision, store=store, cache_dir=cache_dir,
-                every_steps=every_steps, every_secs=every_secs,
+                d,
+                reporter,
+                plan,
+                model=model,
+                raw=raw,
+                loaded=loaded,
+                params=params,
+                precision=precision,
+                store=store,
+                cache_dir=cache_dir,
+                every_steps=every_steps,
+                every_secs=every_secs,
                 resume_dir=resume_dir if r_stage == plan.index else None,
                 resume_step=int(resume_state.get("step", 0)) if r_stage == plan.index else 0,
             )
@@ -557,8 +623,11 @@ class Trainer:
             log.info("output written", extra={"uri": spec.output.uri, "kind": kind})
         d.barrier()
         result.last_checkpoint = self.last_ckpt
-        reporter.emit(force=True, state="succeeded",
-                      output={"uri": spec.output.uri, "kind": result.output_kind})
+        reporter.emit(
+            force=True,
+            state="succeeded",
+            output={"uri": spec.output.uri, "kind": result.output_kind},
+        )
         return result
 
     def _train_stage(
@@ -581,14 +650,27 @@ class Trainer:
     ) -> StageResult:
         spec, env, hp = self.spec, self.env, self.spec.hyperparameters
         stage = spec.stages[plan.index]
-        reporter.emit(force=True, state="preparing", stage=plan.name, stageIndex=plan.index,
-                      step=0, totalSteps=None, loss=None)
+        reporter.emit(
+            force=True,
+            state="preparing",
+            stage=plan.name,
+            stageIndex=plan.index,
+            step=0,
+            totalSteps=None,
+            loss=None,
+        )
         loc = resolve(stage.dataset.uri, env.pvc_root, what=f"stages[{plan.index}].dataset.uri")
         prepared: PreparedStage = self._local_first(
             d,
-            lambda: prepare_stage(loc=loc, dataset=stage.dataset, prep=spec.data,
-                                  stage_type=plan.type, seq_len=plan.seq_len,
-                                  tokenizer=loaded.tokenizer, cache_dir=cache_dir),
+            lambda: prepare_stage(
+                loc=loc,
+                dataset=stage.dataset,
+                prep=spec.data,
+                stage_type=plan.type,
+                seq_len=plan.seq_len,
+                tokenizer=loaded.tokenizer,
+                cache_dir=cache_dir,
+            ),
         )
         counts = prepared.counts.to_json()
         order = Order(len(prepared.train), hp.global_batch_size, hp.seed, plan.index)
@@ -602,26 +684,53 @@ class Trainer:
         total = plan.max_steps or plan.epochs * order.steps_per_epoch
         optimizer = make_optimizer(params, plan.learning_rate, hp.weight_decay, d.device)
         scheduler = make_scheduler(optimizer, hp.scheduler, plan.warmup_steps, total)
-        scaler = (torch.amp.GradScaler("cuda") if precision == Precision.FP16
-                  and d.device.type == "cuda" else None)
+        scaler = (
+            torch.amp.GradScaler("cuda")
+            if precision == Precision.FP16 and d.device.type == "cuda"
+            else None
+        )
         start = 0
         if resume_dir is not None and resume_step < total:
-            self._load(resume_dir, d, model=model, raw=raw, optimizer=optimizer,
-                       scheduler=scheduler, scaler=scaler)
+            self._load(
+                resume_dir,
+                d,
+                model=model,
+                raw=raw,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+            )
             start = resume_step
         clip = getattr(model, "clip_grad_norm_", None) if self._fsdp else None
         spec_loop = LoopSpec(
-            model=model, params=params, optimizer=optimizer, scheduler=scheduler,
-            data=prepared.train, order=order, micro_batch=hp.micro_batch_size, rank=d.rank,
-            world=d.world_size, device=d.device, precision=precision,
-            max_grad_norm=hp.max_grad_norm, scaler=scaler, clip=clip,
+            model=model,
+            params=params,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            data=prepared.train,
+            order=order,
+            micro_batch=hp.micro_batch_size,
+            rank=d.rank,
+            world=d.world_size,
+            device=d.device,
+            precision=precision,
+            max_grad_norm=hp.max_grad_norm,
+            scaler=scaler,
+            clip=clip,
         )
         stats = LoopStats()
         last_save = time.monotonic()
         window = {"t": time.monotonic(), "tokens": 0, "steps": 0}
         tps: list[float | None] = [None]
-        reporter.emit(force=True, state="training", data=counts, totalSteps=total, step=start,
-                      epoch=round(order.epoch_of(start), 4), lastCheckpoint=self.last_ckpt)
+        reporter.emit(
+            force=True,
+            state="training",
+            data=counts,
+            totalSteps=total,
+            step=start,
+            epoch=round(order.epoch_of(start), 4),
+            lastCheckpoint=self.last_ckpt,
+        )
 
         def after_step(rep: StepReport, st: LoopStats) -> bool:
             nonlocal last_save
@@ -642,16 +751,30 @@ class Trainer:
                     eta = None
                 window.update(t=time.monotonic(), tokens=0, steps=0)
                 reporter.emit(
-                    step=rep.step, loss=round(st.losses[-1], 5) if st.losses else None,
+                    step=rep.step,
+                    loss=round(st.losses[-1], 5) if st.losses else None,
                     epoch=round(order.epoch_of(rep.step), 4),
                     tokensPerSecond=round(tps[0], 1) if tps[0] else None,
                     eta=format_eta(eta),
                 )
             if (due_steps or due_time or stop) and not final:
-                self._save(d, store, stage=plan, step=rep.step, total=total, complete=False,
-                           model=model, raw=raw, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, stats=st, reporter=reporter, data_counts=counts,
-                           order=order)
+                self._save(
+                    d,
+                    store,
+                    stage=plan,
+                    step=rep.step,
+                    total=total,
+                    complete=False,
+                    model=model,
+                    raw=raw,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    stats=st,
+                    reporter=reporter,
+                    data_counts=counts,
+                    order=order,
+                )
                 last_save = time.monotonic()
                 window.update(t=time.monotonic(), tokens=0, steps=0)
             return stop
@@ -670,8 +793,15 @@ class Trainer:
             )
         eval_loss = None
         if len(prepared.eval):
-            s, c = evaluate(model, prepared.eval, micro_batch=hp.micro_batch_size, rank=d.rank,
-                            world=d.world_size, device=d.device, precision=precision)
+            s, c = evaluate(
+                model,
+                prepared.eval,
+                micro_batch=hp.micro_batch_size,
+                rank=d.rank,
+                world=d.world_size,
+                device=d.device,
+                precision=precision,
+            )
             if d.enabled:
                 t = torch.tensor([s, c], dtype=torch.float64, device=d.comm_device)
                 torch.distributed.all_reduce(t)
@@ -679,16 +809,36 @@ class Trainer:
             eval_loss = s / c if c else None
         self.stop.in_loop = True  # a SIGTERM now only sets the flag; the save below is final
         try:
-            self._save(d, store, stage=plan, step=total, total=total, complete=True, model=model,
-                       raw=raw, optimizer=None, scheduler=None, scaler=None, stats=stats,
-                       reporter=reporter, data_counts=counts, order=order)
+            self._save(
+                d,
+                store,
+                stage=plan,
+                step=total,
+                total=total,
+                complete=True,
+                model=model,
+                raw=raw,
+                optimizer=None,
+                scheduler=None,
+                scaler=None,
+                stats=stats,
+                reporter=reporter,
+                data_counts=counts,
+                order=order,
+            )
         finally:
             self.stop.in_loop = False
         reporter.emit(force=True, step=total, evalLoss=round(eval_loss, 5) if eval_loss else None)
         return StageResult(
-            name=plan.name, type=plan.type.value, steps=total - start, total_steps=total,
-            losses=stats.losses, eval_loss=eval_loss, tokens_per_second=tps[0],
-            train_seconds=stats.seconds, data=counts,
+            name=plan.name,
+            type=plan.type.value,
+            steps=total - start,
+            total_steps=total,
+            losses=stats.losses,
+            eval_loss=eval_loss,
+            tokens_per_second=tps[0],
+            train_seconds=stats.seconds,
+            data=counts,
             resumed_at=start if start else None,
         )
 
@@ -727,5 +877,6 @@ def run_training(
     stop = StopRequest(stop_event)
     if handle_sigterm:
         stop.install()
-    return Trainer(job, e, on_progress=on_progress, stop=stop,
-                   stdout_progress=stdout_progress).run()
+    return Trainer(
+        job, e, on_progress=on_progress, stop=stop, stdout_progress=stdout_progress
+    ).run()

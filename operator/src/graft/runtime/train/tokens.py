@@ -26,7 +26,9 @@ IGNORE_INDEX = -100
 ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 
 
-def render_chat(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def render_chat(
+    tokenizer: Any, messages: Sequence[tuple[str, str]]
+) -> tuple[str, list[tuple[int, int]]]:
     """The conversation as text, and the character spans that carry loss (assistant turns)."""
     eos = tokenizer.eos_token or ""
     if getattr(tokenizer, "chat_template", None):
@@ -118,8 +120,9 @@ class PreparedData:
                 else np.zeros(0, dtype=np.uint8)
             )
             offsets = np.load(directory / "offsets.npy")
-        return cls(directory, meta["kind"], int(meta["seqLen"]), tokens, mask, offsets,
-                   int(meta["padId"]))
+        return cls(
+            directory, meta["kind"], int(meta["seqLen"]), tokens, mask, offsets, int(meta["padId"])
+        )
 
     def __len__(self) -> int:
         if self.kind == "packed":
@@ -150,8 +153,8 @@ class PreparedData:
         if self.kind == "packed":
             L = self.seq_len
             rows = np.stack([np.asarray(self.tokens[i * L : (i + 1) * L]) for i in indices])
-            ids = torch.from_numpy(rows.astype(np.int64))
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+            t = torch.from_numpy(rows.astype(np.int64))
+            return {"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t.clone()}
         assert self.mask is not None and self.offsets is not None
         spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in indices]
         width = max(b - a for a, b in spans)
