@@ -1,49 +1,13 @@
-"""Fixtures for the serving runtime: a tiny model and adapters, and a real local Ray Serve.
-
-The tiny model is built here (tests/serve/tiny.py) rather than by graft.testing, which
-did not exist when these tests were written.
-"""
+"""Fixtures for the serving runtime: a tiny model and adapters, and a real local Ray Serve."""
 
 from __future__ import annotations
 
 import os
-import socket
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import build_tiny_adapter, build_tiny_model  # noqa: E402
-
-from graft.api.modelservice import ModelService  # noqa: E402
-from graft.builders.serve_config import (  # noqa: E402
-    APP_NAME,
-    DEPLOYMENT_NAME,
-    ResolvedAdapter,
-    build_serve_config,
-)
-
-# Serve's autoscaler and health checks run on 10 s cadences by default; the tests need
-# them to react in about a second. Set before ray.init so every Ray process inherits them.
-_FAST_SERVE = {
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-    "RAY_SERVE_MIN_HANDLE_METRICS_TIMEOUT_S": "1",
-    "RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-
-@dataclass(frozen=True)
-class TinyModels:
-    base: Path
-    a1: Path
-    a2: Path
+from graft.testing.tiny_model import build_tiny_adapter, build_tiny_model
+from servekit import FAST_SERVE, LocalServe, TinyModels, free_port
 
 
 @pytest.fixture(scope="session")
@@ -57,62 +21,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class LocalServe:
-    """A real Ray Serve instance; ``deploy`` applies a serve config as KubeRay would."""
-
-    url: str
-    port: int
-    client: Any
-
-    def deploy(self, config: dict[str, Any], *, timeout: float = 120) -> None:
-        from ray.serve.schema import ServeDeploySchema
-
-        cfg = dict(config)
-        cfg["http_options"] = {"host": "127.0.0.1", "port": self.port}
-        # The dashboard's REST endpoint, which KubeRay calls, hands the validated config
-        # to the controller exactly like this.
-        self.client.deploy_apps(ServeDeploySchema.model_validate(cfg))
-        self.wait_running(timeout=timeout)
-
-    def wait_running(self, *, timeout: float = 120) -> None:
-        from ray import serve
-
-        deadline = time.monotonic() + timeout
-        status = None
-        while time.monotonic() < deadline:
-            app = serve.status().applications.get(APP_NAME)
-            status = app.status if app else None
-            if status == "RUNNING":
-                return
-            if status == "DEPLOY_FAILED":
-                raise AssertionError(f"deploy failed: {app.message if app else ''}")
-            time.sleep(0.25)
-        raise AssertionError(f"application not RUNNING after {timeout}s (last: {status})")
-
-    def running_replicas(self) -> int:
-        from ray import serve
-
-        app = serve.status().applications.get(APP_NAME)
-        if app is None:
-            return 0
-        dep = app.deployments[DEPLOYMENT_NAME]
-        return int(dep.replica_states.get("RUNNING", 0))
-
-
 @pytest.fixture(scope="session")
 def local_serve() -> Iterator[LocalServe]:
     import ray
     from ray import serve
     from ray.serve._private.api import serve_start
 
-    os.environ.update(_FAST_SERVE)
+    os.environ.update(FAST_SERVE)
     # Logical CPUs, not cores: replicas ask for half a CPU, and two of them plus Serve's
     # own actors must fit while the autoscaling test runs on a 2-core machine.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -123,38 +38,3 @@ def local_serve() -> Iterator[LocalServe]:
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def modelservice(
-    base: Path,
-    *,
-    name: str = "tiny",
-    min_replicas: int = 1,
-    max_replicas: int = 1,
-    target: float = 4.0,
-    upscale_s: float = 30.0,
-    downscale_s: float = 600.0,
-) -> ModelService:
-    return ModelService.model_validate(
-        {
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {
-                "model": {"baseModel": {"uri": f"file://{base}"}},
-                "engine": "transformers",
-                "resources": {"gpusPerReplica": 0, "cpu": "500m"},
-                "autoscaling": {
-                    "minReplicas": min_replicas,
-                    "maxReplicas": max_replicas,
-                    "targetOngoingRequests": target,
-                    "upscaleDelaySeconds": upscale_s,
-                    "downscaleDelaySeconds": downscale_s,
-                },
-            },
-        }
-    )
-
-
-def serve_config(msvc: ModelService, adapters: dict[str, Path]) -> dict[str, Any]:
-    return build_serve_config(
-        msvc, [ResolvedAdapter(name=n, uri=f"file://{p}") for n, p in adapters.items()]
-    )

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import LocalServe, TinyModels, modelservice, serve_config
+from servekit import LocalServe, TinyModels, modelservice, serve_config
 
 pytestmark = pytest.mark.slow
 
