@@ -64,9 +64,15 @@ def build_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int | None = None,
     max_position_embeddings: int = 256,
+    initializer_range: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Write a random LLaMA (about 200k parameters by default) and its tokenizer to ``dest``."""
+    """Write a random LLaMA (about 150k parameters by default) and its tokenizer to ``dest``.
+
+    ``initializer_range`` is larger than LLaMA's 0.02 on purpose: with the final norm and a
+    frozen random ``lm_head`` at 0.02 the logits are nearly uniform whatever the adapters do,
+    and LoRA-only training plateaus at the uniform loss.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,6 +92,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
