@@ -83,7 +83,16 @@ def make_job(
 
 @pytest.fixture
 def quiet_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for k in ("POD_NAME", "POD_NAMESPACE", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GRAFT_NNODES",
-              "GRAFT_NPROC_PER_NODE", "GRAFT_CHECKPOINT_URI", "MASTER_ADDR"):
+    for k in (
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "GRAFT_NNODES",
+        "GRAFT_NPROC_PER_NODE",
+        "GRAFT_CHECKPOINT_URI",
+        "MASTER_ADDR",
+    ):
         monkeypatch.delenv(k, raising=False)
     yield

@@ -21,8 +21,13 @@ def store(root: Path, keep: int = 3) -> CheckpointStore:
 def save(st: CheckpointStore, step: int, payload: Any, stage: int = 0) -> None:
     name = checkpoint_name(stage, step)
     st.begin(name)
-    entries = st.write(name, {"model.pt": lambda w: torch.save(payload, w),  # type: ignore[arg-type]
-                              "state.json": lambda w: w.write(json.dumps({"s": step}).encode())})
+    entries = st.write(
+        name,
+        {
+            "model.pt": lambda w: torch.save(payload, w),  # type: ignore[arg-type]
+            "state.json": lambda w: w.write(json.dumps({"s": step}).encode()),
+        },
+    )
     st.commit(name, entries, {})
 
 
@@ -86,8 +91,11 @@ def test_object_store_mode_marks_complete_by_manifest(tmp_path: Path) -> None:
 
     fs = fsspec.filesystem("memory")
     fs.rm("/bucket", recursive=True) if fs.exists("/bucket") else None
-    st = CheckpointStore(Location(uri="memory://bucket/ck", path="/bucket/ck", local=False,
-                                  protocol="memory"), 2, tmp_path / "staging")
+    st = CheckpointStore(
+        Location(uri="memory://bucket/ck", path="/bucket/ck", local=False, protocol="memory"),
+        2,
+        tmp_path / "staging",
+    )
     save(st, 1, {"s": 1})
     # A second checkpoint cut short: files uploaded, no manifest.
     name = checkpoint_name(0, 2)

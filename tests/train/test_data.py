@@ -36,8 +36,13 @@ def test_text_blocks_and_directory_order(tmp_path: Path) -> None:
     (tmp_path / "d" / "b.txt").write_text("second file\n")
     (tmp_path / "d" / "a.txt").write_text("one\nstill one\n\n\n two \n")
     (tmp_path / "d" / ".hidden").write_text("skipped\n")
-    recs = list(read_records(loc(tmp_path / "d"), Dataset(uri="file:///x", format="text"),
-                             StageType.CONTINUED_PRETRAINING))
+    recs = list(
+        read_records(
+            loc(tmp_path / "d"),
+            Dataset(uri="file:///x", format="text"),
+            StageType.CONTINUED_PRETRAINING,
+        )
+    )
     assert [r.text for r in recs] == ["one\nstill one", " two ", "second file"]
 
 
@@ -45,21 +50,29 @@ def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
     p = tmp_path / "x.jsonl"
     p.write_text('{"text": "ok"}\n\n{"text": "fine"}\n{"text": broken}\n')
     with pytest.raises(UserError, match=r"x\.jsonl line 4: not valid JSON") as e:
-        list(read_records(loc(p), Dataset(uri="file:///x", format="jsonl"),
-                          StageType.CONTINUED_PRETRAINING))
+        list(
+            read_records(
+                loc(p), Dataset(uri="file:///x", format="jsonl"), StageType.CONTINUED_PRETRAINING
+            )
+        )
     assert e.value.reason == "MalformedDataset"
 
 
 def test_jsonl_missing_field_says_which_setting(tmp_path: Path) -> None:
     p = write_jsonl(tmp_path / "x.jsonl", [{"body": "hello"}])
     with pytest.raises(UserError, match="textField"):
-        list(read_records(loc(p), Dataset(uri="file:///x", format="jsonl"),
-                          StageType.CONTINUED_PRETRAINING))
+        list(
+            read_records(
+                loc(p), Dataset(uri="file:///x", format="jsonl"), StageType.CONTINUED_PRETRAINING
+            )
+        )
 
 
 def test_alpaca_array_and_jsonl_agree(tmp_path: Path) -> None:
-    recs = [{"instruction": "Do it", "input": "now", "output": "done"},
-            {"instruction": "Say hi", "output": "hi"}]
+    recs = [
+        {"instruction": "Do it", "input": "now", "output": "done"},
+        {"instruction": "Say hi", "output": "hi"},
+    ]
     arr = tmp_path / "a.json"
     arr.write_text(json.dumps(recs, indent=2))
     jl = write_jsonl(tmp_path / "a.jsonl", recs)
@@ -86,8 +99,7 @@ def test_dedup_removes_planted_duplicates_and_keeps_the_rest() -> None:
     docs = domain_documents(150, seed=3)
     planted = plant_duplicates(docs, exact=12, near=9, seed=4)
     cleaner = Cleaner(DataPrep(eval_fraction=0.1))
-    kept = [d for d in planted.documents
-            if cleaner.judge(d) in (Verdict.TRAIN, Verdict.EVAL)]
+    kept = [d for d in planted.documents if cleaner.judge(d) in (Verdict.TRAIN, Verdict.EVAL)]
     c = cleaner.counts
     assert c.documents_in == 150 + 12 + 9
     assert c.exact_duplicates == 12
@@ -121,15 +133,23 @@ def test_split_is_deterministic_and_order_free() -> None:
 def test_sft_labels_only_on_the_answer(assets: dict[str, Path], tmp_path: Path) -> None:
     tok = load_tokenizer(assets["base"])
     text, spans = render_chat(tok, [("user", "Which part failed?"), ("assistant", "The gearbox.")])
-    assert text[spans[0][0]:spans[0][1]] == "The gearbox.</s>"
-    p = write_jsonl(tmp_path / "s.jsonl", [
-        {"instruction": f"Which part of turbine T{i:03d} failed?", "output": "The gearbox."}
-        for i in range(20)
-    ])
-    prep = prepare_stage(loc=loc(p), dataset=Dataset(uri="file:///x", format="alpaca"),
-                         prep=DataPrep(eval_fraction=0.0, near_dedup={"enabled": False}),
-                         stage_type=StageType.SFT, seq_len=64, tokenizer=tok,
-                         cache_dir=tmp_path / "cache")
+    assert text[spans[0][0] : spans[0][1]] == "The gearbox.</s>"
+    p = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"instruction": f"Which part of turbine T{i:03d} failed?", "output": "The gearbox."}
+            for i in range(20)
+        ],
+    )
+    prep = prepare_stage(
+        loc=loc(p),
+        dataset=Dataset(uri="file:///x", format="alpaca"),
+        prep=DataPrep(eval_fraction=0.0, near_dedup={"enabled": False}),
+        stage_type=StageType.SFT,
+        seq_len=64,
+        tokenizer=tok,
+        cache_dir=tmp_path / "cache",
+    )
     data = prep.train
     assert len(data) == 20 and prep.counts.train == 20
     b = data.batch([0, 1])
@@ -140,21 +160,34 @@ def test_sft_labels_only_on_the_answer(assets: dict[str, Path], tmp_path: Path) 
     # Padding never carries loss and is masked out of attention.
     assert ((b["attention_mask"] == 0) <= (b["labels"] == IGNORE_INDEX)).all()
     # The cache is reused (same fingerprint) rather than rebuilt.
-    again = prepare_stage(loc=loc(p), dataset=Dataset(uri="file:///x", format="alpaca"),
-                          prep=DataPrep(eval_fraction=0.0, near_dedup={"enabled": False}),
-                          stage_type=StageType.SFT, seq_len=64, tokenizer=tok,
-                          cache_dir=tmp_path / "cache")
+    again = prepare_stage(
+        loc=loc(p),
+        dataset=Dataset(uri="file:///x", format="alpaca"),
+        prep=DataPrep(eval_fraction=0.0, near_dedup={"enabled": False}),
+        stage_type=StageType.SFT,
+        seq_len=64,
+        tokenizer=tok,
+        cache_dir=tmp_path / "cache",
+    )
     assert again.fingerprint == prep.fingerprint
 
 
 def test_packing_makes_full_sequences(assets: dict[str, Path], tmp_path: Path) -> None:
     tok = load_tokenizer(assets["base"])
-    prep = prepare_stage(loc=loc(assets["cpt"]), dataset=Dataset(uri="file:///x", format="text"),
-                         prep=DataPrep(eval_fraction=0.0), stage_type=StageType.CONTINUED_PRETRAINING,
-                         seq_len=32, tokenizer=tok, cache_dir=tmp_path / "cache")
+    prep = prepare_stage(
+        loc=loc(assets["cpt"]),
+        dataset=Dataset(uri="file:///x", format="text"),
+        prep=DataPrep(eval_fraction=0.0),
+        stage_type=StageType.CONTINUED_PRETRAINING,
+        seq_len=32,
+        tokenizer=tok,
+        cache_dir=tmp_path / "cache",
+    )
     data: PreparedData = prep.train
-    n_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1
-                   for d in domain_documents(160, seed=11))
+    n_tokens = sum(
+        len(tok(d, add_special_tokens=False)["input_ids"]) + 1
+        for d in domain_documents(160, seed=11)
+    )
     assert len(data) == n_tokens // 32
     b = data.batch([0, 3])
     assert b["input_ids"].shape == (2, 32)

@@ -51,10 +51,17 @@ def test_malformed_line(assets: dict[str, Path], tmp_path: Path, quiet_env: None
     expect(job, tmp_path, "MalformedDataset", "bad.jsonl line 7", "not valid JSON")
 
 
-def test_sequence_longer_than_model(assets: dict[str, Path], tmp_path: Path, quiet_env: None) -> None:
+def test_sequence_longer_than_model(
+    assets: dict[str, Path], tmp_path: Path, quiet_env: None
+) -> None:
     job = make_job(assets, tmp_path, seq=1024)
-    expect(job, tmp_path, "SequenceTooLong", "max_position_embeddings=256",
-           "set maxSeqLength to 256 or less")
+    expect(
+        job,
+        tmp_path,
+        "SequenceTooLong",
+        "max_position_embeddings=256",
+        "set maxSeqLength to 256 or less",
+    )
 
 
 def test_unknown_target_modules(assets: dict[str, Path], tmp_path: Path, quiet_env: None) -> None:

@@ -17,9 +17,18 @@ def dropped(losses: list[float], by: float) -> bool:
 
 
 @pytest.mark.slow
-def test_full_finetune_cpt_then_sft(assets: dict[str, Path], tmp_path: Path, quiet_env: None) -> None:
-    job = make_job(assets, tmp_path, method="full", max_steps=14, lr=3e-3, every=100,
-                   stages=[("ContinuedPretraining", "cpt", "text"), ("SFT", "alpaca", "alpaca")])
+def test_full_finetune_cpt_then_sft(
+    assets: dict[str, Path], tmp_path: Path, quiet_env: None
+) -> None:
+    job = make_job(
+        assets,
+        tmp_path,
+        method="full",
+        max_steps=14,
+        lr=3e-3,
+        every=100,
+        stages=[("ContinuedPretraining", "cpt", "text"), ("SFT", "alpaca", "alpaca")],
+    )
     seen: list[dict[str, object]] = []
     res = run_training(job, workdir=tmp_path / "w", stdout_progress=False, on_progress=seen.append)
     cpt, sft = res.stages
@@ -43,9 +52,16 @@ def test_full_finetune_cpt_then_sft(assets: dict[str, Path], tmp_path: Path, qui
 def test_lora_cpt_then_chat_sft_with_merge(
     assets: dict[str, Path], tmp_path: Path, quiet_env: None
 ) -> None:
-    job = make_job(assets, tmp_path, method="lora", max_steps=16, lr=2e-2, every=100,
-                   stages=[("ContinuedPretraining", "cpt", "text"), ("SFT", "chat", "chat")],
-                   output={"uri": f"file://{tmp_path}/output", "merge": True})
+    job = make_job(
+        assets,
+        tmp_path,
+        method="lora",
+        max_steps=16,
+        lr=2e-2,
+        every=100,
+        stages=[("ContinuedPretraining", "cpt", "text"), ("SFT", "chat", "chat")],
+        output={"uri": f"file://{tmp_path}/output", "merge": True},
+    )
     res = run_training(job, workdir=tmp_path / "w", stdout_progress=False)
     cpt, sft = res.stages
     assert dropped(cpt.losses, 0.25), cpt.losses

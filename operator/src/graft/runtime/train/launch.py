@@ -128,6 +128,10 @@ def torchrun_args(env: RuntimeEnv) -> list[str]:
         "0",
         "--monitor-interval",
         "1",
+        # The agent must not own SIGTERM: it would SIGKILL the workers 30 s later, maybe in
+        # the middle of their final checkpoint. The launcher forwards it instead.
+        "--signals-to-handle",
+        "SIGHUP,SIGQUIT",
     ]
     if env.nnodes == 1 and not env.master_addr:
         args.append("--standalone")
@@ -145,6 +149,7 @@ def torchrun_args(env: RuntimeEnv) -> list[str]:
 
 def run_torchrun(env: RuntimeEnv) -> int:
     """This pod's share of the gang: GRAFT_NPROC_PER_NODE workers under torchrun."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torch_run
@@ -152,8 +157,6 @@ def run_torchrun(env: RuntimeEnv) -> int:
     exit_dir = Path(tempfile.mkdtemp(prefix="graft-exit-"))
     os.environ[WORKER_ENV] = "1"
     os.environ[EXIT_DIR_ENV] = str(exit_dir)
-    # The agent must not own SIGTERM (it would SIGKILL workers after 30 s).
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     terminated = threading.Event()
     me = os.getpid()
 
@@ -180,6 +183,9 @@ def run_torchrun(env: RuntimeEnv) -> int:
             "or crashed in native code); see the pod log",
         )
         code = term.code
+    except SignalException:
+        terminated.set()
+        term, code = None, EXIT_RETRYABLE
     except Exception as e:
         name = type(e).__name__
         if "Rendezvous" in name or "DistNetworkError" in name or "DistStoreError" in name:

@@ -386,6 +386,8 @@ class Trainer:
                     "MBps": round(size / 2**20 / max(secs, 1e-9), 1),
                 },
             )
+        else:
+            self.last_ckpt = {"step": step, "uri": store.uri(name), "time": None}
         d.barrier()
         reporter.emit(force=True, state="training", lastCheckpoint=self.last_ckpt)
         return info
