@@ -191,12 +191,9 @@ def train_steps(
         # ``total`` is this rank's share scaled to the global mean; equal shares make it
         # the global mean on every rank, close enough for reporting.
         stats._pending.append(total)
-        if after_step is not None:
+        if after_step is not None and after_step(StepReport(step + 1, tokens, total), stats):
             stats.seconds += time.perf_counter() - t0
-            stop = after_step(StepReport(step + 1, tokens, total), stats)
-            t0 = time.perf_counter()
-            if stop:
-                return step + 1, stats
+            return step + 1, stats
     stats.seconds += time.perf_counter() - t0
     stats.flush()
     return (step + 1 if end > start else start), stats
