@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from graft.api.finetunejob import DataPrep, Dataset, Scheduler, StageType
 from graft.runtime.train import run_training
 from graft.runtime.train.checkpoint import CheckpointStore, checkpoint_name
@@ -41,14 +40,18 @@ from graft.testing.tiny_model import build_tiny_model
 RESULTS = Path(__file__).parent / "results" / "train_overhead.json"
 
 
-def job_for(root: Path, model: Path, corpus: Path, method: str, a: argparse.Namespace) -> dict[str, Any]:
+def job_for(
+    root: Path, model: Path, corpus: Path, method: str, a: argparse.Namespace
+) -> dict[str, Any]:
     return {
         "name": "bench",
         "spec": {
             "baseModel": {"uri": f"file://{model}"},
             "stages": [
-                {"type": "ContinuedPretraining",
-                 "dataset": {"uri": f"file://{corpus}", "format": "text"}}
+                {
+                    "type": "ContinuedPretraining",
+                    "dataset": {"uri": f"file://{corpus}", "format": "text"},
+                }
             ],
             "data": {"evalFraction": 0.0},
             "method": method,
@@ -83,26 +86,35 @@ def run_ours(root: Path, job: dict[str, Any]) -> float:
     run_training(job, workdir=root / "work", stdout_progress=False, on_progress=on_progress)
     first, last = min(marks), max(marks)
     tokens = (last - first) * hp["globalBatchSize"] * hp["maxSeqLength"]
-    return tokens / (marks[last] - marks[first])
+    return float(tokens / (marks[last] - marks[first]))
 
 
 def build_bare(model_dir: Path, method: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
-                                                 dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), local_files_only=True, dtype=torch.float32
+    )
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                 target_modules=["q_proj", "v_proj"],
-                                                 task_type="CAUSAL_LM"))
-    return model
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=16,
+                lora_alpha=32,
+                lora_dropout=0.05,
+                target_modules=["q_proj", "v_proj"],
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model  # type: ignore[no-any-return]
 
 
-def run_bare(model_dir: Path, data: Any, method: str, a: argparse.Namespace
-             ) -> tuple[float, torch.nn.Module, torch.optim.Optimizer]:
+def run_bare(
+    model_dir: Path, data: Any, method: str, a: argparse.Namespace
+) -> tuple[float, torch.nn.Module, torch.optim.Optimizer]:
     """The loop anyone would write: forward, loss/accum, backward, clip, step."""
     model = build_bare(model_dir, method)
     model.train()
@@ -114,7 +126,7 @@ def run_bare(model_dir: Path, data: Any, method: str, a: argparse.Namespace
     for step in range(a.steps):
         idx = order.step_indices(step)
         for m in range(a.accum):
-            batch = data.batch(idx[m * a.micro_batch:(m + 1) * a.micro_batch])
+            batch = data.batch(idx[m * a.micro_batch : (m + 1) * a.micro_batch])
             loss = model(**batch).loss / a.accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -138,8 +150,9 @@ def fsync_copy(src: Path, dst: Path) -> None:
     os.close(fd)
 
 
-def bench_checkpoint(root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     reps: int) -> dict[str, Any]:
+def bench_checkpoint(
+    root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, reps: int
+) -> dict[str, Any]:
     model_sd = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     optim_sd = opt.state_dict()
     ours, plain_save, copy = [], [], []
@@ -149,8 +162,13 @@ def bench_checkpoint(root: Path, model: torch.nn.Module, opt: torch.optim.Optimi
         name = checkpoint_name(0, r + 1)
         t0 = time.perf_counter()
         st.begin(name)
-        entries = st.write(name, {"model.pt": lambda w: torch.save(model_sd, w),  # type: ignore[arg-type]
-                                  "optimizer.pt": lambda w: torch.save(optim_sd, w)})  # type: ignore[arg-type]
+        entries = st.write(
+            name,
+            {
+                "model.pt": lambda w: torch.save(model_sd, w),  # type: ignore[arg-type]
+                "optimizer.pt": lambda w: torch.save(optim_sd, w),  # type: ignore[arg-type]
+            },
+        )
         st.commit(name, entries, {})
         ours.append(time.perf_counter() - t0)
         size = sum(e.size for e in entries.values())
@@ -186,32 +204,57 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.steps, a.seq, a.micro_batch, a.accum, a.reps = 12, 128, 4, 1, a.reps or 1
-        shape = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
-                 "num_heads": 4, "max_position_embeddings": 256}
+        shape = {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "max_position_embeddings": 256,
+        }
     else:
         # The shape of ../shared/PERF-FACTS.md: about 7M parameters, seq 256, micro-batch 4.
         a.steps, a.seq, a.micro_batch, a.accum, a.reps = 25, 256, 4, 1, a.reps or 2
-        shape = {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 688,
-                 "num_layers": 6, "num_heads": 4, "max_position_embeddings": 512}
+        shape = {
+            "vocab_size": 2048,
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_layers": 6,
+            "num_heads": 4,
+            "max_position_embeddings": 512,
+        }
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     root = Path(tempfile.mkdtemp(prefix="graft-bench-"))
     try:
         docs = domain_documents(1500 if not a.quick else 300, seed=3)
         corpus = write_text(root / "corpus.txt", docs)
-        model_dir = build_tiny_model(root / "model", texts=docs, **shape)  # type: ignore[arg-type]
+        model_dir = build_tiny_model(root / "model", texts=docs, **shape)
         n_params = sum(p.numel() for p in build_bare(model_dir, "full").parameters())
         tok = load_tokenizer(model_dir)
         # Prepare once (cached): the bare loop reads exactly the sequences ours trains on.
         job = job_for(root, model_dir, corpus, "full", a)
-        data = prepare_stage(loc=resolve(f"file://{corpus}", Path("/")),
-                             dataset=Dataset(uri=f"file://{corpus}", format="text"),
-                             prep=DataPrep.model_validate(job["spec"]["data"]),
-                             stage_type=StageType.CONTINUED_PRETRAINING, seq_len=a.seq,
-                             tokenizer=tok, cache_dir=root / "work" / "data").train
-        results: dict[str, Any] = {"params": n_params, "seq": a.seq, "microBatch": a.micro_batch,
-                                   "steps": a.steps, "reps": a.reps, "threads": torch.get_num_threads(),
-                                   "torch": torch.__version__, "machine": platform.machine(),
-                                   "cpus": os.cpu_count(), "device": "cpu", "precision": "fp32"}
+        data = prepare_stage(
+            loc=resolve(f"file://{corpus}", Path("/")),
+            dataset=Dataset(uri=f"file://{corpus}", format="text"),
+            prep=DataPrep.model_validate(job["spec"]["data"]),
+            stage_type=StageType.CONTINUED_PRETRAINING,
+            seq_len=a.seq,
+            tokenizer=tok,
+            cache_dir=root / "work" / "data",
+        ).train
+        results: dict[str, Any] = {
+            "params": n_params,
+            "seq": a.seq,
+            "microBatch": a.micro_batch,
+            "steps": a.steps,
+            "reps": a.reps,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "device": "cpu",
+            "precision": "fp32",
+        }
         last_full: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None
         for method in ("full", "lora"):
             ours, bare = [], []
@@ -223,16 +266,22 @@ def main() -> None:
                 if method == "full":
                     last_full = (model, opt)
             o, b = statistics.median(ours), statistics.median(bare)
-            results[method] = {"oursTokensPerS": round(o, 1), "bareTokensPerS": round(b, 1),
-                               "ratio": round(o / b, 3), "oursRuns": [round(x, 1) for x in ours],
-                               "bareRuns": [round(x, 1) for x in bare]}
+            results[method] = {
+                "oursTokensPerS": round(o, 1),
+                "bareTokensPerS": round(b, 1),
+                "ratio": round(o / b, 3),
+                "oursRuns": [round(x, 1) for x in ours],
+                "bareRuns": [round(x, 1) for x in bare],
+            }
             print(f"{method:5s} ours {o:9.1f} tok/s  bare {b:9.1f} tok/s  ratio {o / b:.3f}")
         assert last_full is not None
         results["checkpoint"] = bench_checkpoint(root / "ckbench", *last_full, reps=max(2, a.reps))
         c = results["checkpoint"]
-        print(f"checkpoint {c['bytes'] / 1e6:.1f} MB: graft {c['graftCheckpointMBps']} MB/s, "
-              f"torch.save+fsync {c['plainTorchSaveFsyncMBps']} MB/s, "
-              f"copy+fsync {c['fileCopyFsyncMBps']} MB/s (graft/copy {c['ratioToCopy']})")
+        print(
+            f"checkpoint {c['bytes'] / 1e6:.1f} MB: graft {c['graftCheckpointMBps']} MB/s, "
+            f"torch.save+fsync {c['plainTorchSaveFsyncMBps']} MB/s, "
+            f"copy+fsync {c['fileCopyFsyncMBps']} MB/s (graft/copy {c['ratioToCopy']})"
+        )
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2))
         print(f"wrote {RESULTS}")

@@ -7,6 +7,7 @@ and the data position exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,11 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import make_job
 from graft.runtime.train import EXIT_RETRYABLE, launch_local, run_training
 from graft.runtime.train.launch import _children
+from safetensors.torch import load_file
 
 
 def tree(pid: int) -> list[int]:
@@ -61,10 +61,8 @@ def run_killed(
         if p.get("state") == "training" and g >= kill_at and not done["killed"]:
             done["killed"] = True
             for pid in tree(holder["proc"].pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     res = launch_local(
         job,
