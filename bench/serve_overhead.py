@@ -145,9 +145,10 @@ async def bench_serve(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     import httpx
     import ray
-    from graft.builders.serve_config import build_serve_config
     from ray import serve
     from ray.serve._private.api import serve_start
+
+    from graft.builders.serve_config import build_serve_config
 
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from graft.api.finetunejob import DataPrep, Dataset, Scheduler, StageType
 from graft.runtime.train import run_training
 from graft.runtime.train.checkpoint import CheckpointStore, checkpoint_name

@@ -17,11 +17,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from graft.api import finetunejob as ftj
-from graft.api import modelservice as ms
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
+
+from graft.api import finetunejob as ftj
+from graft.api import modelservice as ms
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "api-reference.md"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from graft.testing.cluster import FakeKubelet, api_client
 from graft.testing.controlplane import ControlPlane, start_control_plane
 from graft.testing.operator import OperatorProcess
 
+NodeFactory = Callable[..., list[str]]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 
@@ -24,8 +25,13 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     cp = start_control_plane(tmp_path_factory.mktemp("control-plane"))
     try:
         cp.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                   "crd/finetunejobs.graft.dev", "crd/modelservices.graft.dev")
+        cp.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/finetunejobs.graft.dev",
+            "crd/modelservices.graft.dev",
+        )
         yield cp
     finally:
         cp.stop()
@@ -55,10 +61,37 @@ def operator_process(
 
 
 @pytest.fixture
+def nodes(kubelet: FakeKubelet) -> Iterator[NodeFactory]:
+    """Fake nodes for one test, deleted afterwards so tests do not share capacity."""
+    made: list[str] = []
+    tag = uuid.uuid4().hex[:5]
+
+    def factory(a100: int = 0, cpu: int = 0) -> list[str]:
+        names = kubelet.add_a100_nodes(a100, prefix=f"a100-{tag}-{len(made)}") if a100 else []
+        names += kubelet.add_cpu_nodes(cpu, prefix=f"cpu-{tag}-{len(made)}") if cpu else []
+        made.extend(names)
+        return names
+
+    yield factory
+    for n in made:
+        try:
+            kubelet.delete_node(n)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+
+
+@pytest.fixture
 def namespace(k8s: client.ApiClient) -> Iterator[str]:
     """A fresh namespace per test."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     core = client.CoreV1Api(k8s)
     core.create_namespace({"metadata": {"name": name}})  # type: ignore[arg-type]
     yield name
+    # Jobs first (else the operator sees their pods vanish and starts new attempts),
+    # then pods at once: no kubelet is here to confirm a graceful deletion.
+    custom = client.CustomObjectsApi(k8s)
+    for plural in ("finetunejobs", "modelservices"):
+        custom.delete_collection_namespaced_custom_object("graft.dev", "v1alpha1", name, plural)
+    FakeKubelet(k8s).force_delete_pods(name)
     core.delete_namespace(name)

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
-from graft.config import NodePool, Settings, load_settings
 from helm import CHART_DIR, NAMESPACE, REPO_ROOT, HelmError, find, lint, notes, one, render
+
+from graft.config import NodePool, Settings, load_settings
 
 #: Tests that run helm; the others (schema, docs) run without it.
 needs_helm = pytest.mark.usefixtures("helm")

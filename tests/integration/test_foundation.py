@@ -27,19 +27,25 @@ def ftj(name: str, **spec_overrides: Any) -> dict[str, Any]:
         "resources": {"gpus": 8},
     }
     spec.update(spec_overrides)
-    return {"apiVersion": "graft.dev/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def apply(cp: ControlPlane, ns: str, obj: dict[str, Any]) -> Any:
     # --validate=false: the apiserver's own schema check must refuse, not kubectl's copy of it
-    return cp.kubectl("apply", "--validate=false", "-n", ns, "-f", "-", input=json.dumps(obj),
-                      check=False)
+    return cp.kubectl(
+        "apply", "--validate=false", "-n", ns, "-f", "-", input=json.dumps(obj), check=False
+    )
 
 
 def get(k8s: client.ApiClient, ns: str, plural: str, name: str) -> dict[str, Any]:
     out: dict[str, Any] = client.CustomObjectsApi(k8s).get_namespaced_custom_object(
-        "graft.dev", "v1alpha1", ns, plural, name)
+        "graft.dev", "v1alpha1", ns, plural, name
+    )
     return out
 
 
@@ -58,8 +64,11 @@ def test_crds_are_established_with_short_names(control_plane: ControlPlane) -> N
 
 def test_kubectl_explain_prints_field_descriptions(control_plane: ControlPlane) -> None:
     # the apiserver publishes a new CRD's OpenAPI a few seconds after it is Established
-    out = wait_for("explain", lambda: control_plane.kubectl(
-        "explain", "finetunejob.spec.stages", check=False).stdout, timeout=30)
+    out = wait_for(
+        "explain",
+        lambda: control_plane.kubectl("explain", "finetunejob.spec.stages", check=False).stdout,
+        timeout=30,
+    )
     assert "Ordered training stages" in out
     assert "ContinuedPretraining" in out
     out = control_plane.kubectl("explain", "modelservice.spec.autoscaling.minReplicas").stdout
@@ -75,18 +84,26 @@ BAD: list[tuple[str, Any, list[str]]] = [
     ("bad-uri-scheme", lambda s: s["baseModel"].update(uri="ftp://x/y"), ["spec.baseModel.uri"]),
     ("no-stages", lambda s: s.update(stages=[]), ["spec.stages"]),
     ("unknown-stage-type", lambda s: s["stages"][0].update(type="RLHF"), ["spec.stages"]),
-    ("unknown-format", lambda s: s["stages"][0]["dataset"].update(format="parquet"),
-     ["format"]),
-    ("lr-zero", lambda s: s.update(hyperparameters={"learningRate": 0}),
-     ["spec.hyperparameters.learningRate"]),
-    ("bad-precision", lambda s: s.update(hyperparameters={"precision": "int8"}),
-     ["spec.hyperparameters.precision"]),
+    ("unknown-format", lambda s: s["stages"][0]["dataset"].update(format="parquet"), ["format"]),
+    (
+        "lr-zero",
+        lambda s: s.update(hyperparameters={"learningRate": 0}),
+        ["spec.hyperparameters.learningRate"],
+    ),
+    (
+        "bad-precision",
+        lambda s: s.update(hyperparameters={"precision": "int8"}),
+        ["spec.hyperparameters.precision"],
+    ),
     ("bad-duration", lambda s: s.update(checkpoint={"every": "soon"}), ["spec.checkpoint.every"]),
     ("lora-rank-zero", lambda s: s.update(lora={"r": 0}), ["spec.lora.r"]),
     ("missing-output", lambda s: s.pop("output"), ["spec.output", "Required"]),
     ("dropout-one", lambda s: s.update(lora={"dropout": 1.0}), ["spec.lora.dropout"]),
-    ("bad-pool-name", lambda s: s["resources"].update(nodePool="A100_80G"),
-     ["spec.resources.nodePool"]),
+    (
+        "bad-pool-name",
+        lambda s: s["resources"].update(nodePool="A100_80G"),
+        ["spec.resources.nodePool"],
+    ),
 ]
 
 
@@ -109,8 +126,12 @@ def test_apiserver_refuses_invalid_modelservice(
     cases = [
         (lambda s: s["autoscaling"].update(minReplicas=-1), "spec.autoscaling.minReplicas"),
         (lambda s: s.update(engine="tgi"), "spec.engine"),
-        (lambda s: s["model"]["adapters"].append({"name": "both", "uri": "pvc://a/b",
-                                                   "fromFineTuneJob": "x"}), "oneOf"),
+        (
+            lambda s: s["model"]["adapters"].append(
+                {"name": "both", "uri": "pvc://a/b", "fromFineTuneJob": "x"}
+            ),
+            "oneOf",
+        ),
         (lambda s: s["model"]["adapters"].append({"name": "neither"}), "oneOf"),
     ]
     for mutate, word in cases:
@@ -121,17 +142,27 @@ def test_apiserver_refuses_invalid_modelservice(
 
 
 def test_examples_apply_and_print_columns(
-    control_plane: ControlPlane, operator_process: OperatorProcess, k8s: client.ApiClient,
+    control_plane: ControlPlane,
+    operator_process: OperatorProcess,
+    k8s: client.ApiClient,
     namespace: str,
 ) -> None:
     r = control_plane.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES))
     assert "finetunejob.graft.dev/support-assistant created" in r.stdout
     assert "modelservice.graft.dev/llama-3-8b created" in r.stdout
-    wait_for("examples accepted", lambda: all(
-        (c := condition(get(k8s, namespace, plural, name), "Accepted")) and c["status"] == "True"
-        for plural, name in [("finetunejobs", "support-assistant"),
-                             ("finetunejobs", "energy-llm"),
-                             ("modelservices", "llama-3-8b")]), timeout=30)
+    wait_for(
+        "examples accepted",
+        lambda: all(
+            (c := condition(get(k8s, namespace, plural, name), "Accepted"))
+            and c["status"] == "True"
+            for plural, name in [
+                ("finetunejobs", "support-assistant"),
+                ("finetunejobs", "energy-llm"),
+                ("modelservices", "llama-3-8b"),
+            ]
+        ),
+        timeout=30,
+    )
     out = control_plane.kubectl("get", "ftj,msvc", "-n", namespace).stdout
     header = out.splitlines()[0]
     for col in ("NAME", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "AGE"):
@@ -142,13 +173,21 @@ def test_examples_apply_and_print_columns(
 
 
 def test_valid_job_is_accepted_by_the_operator(
-    control_plane: ControlPlane, operator_process: OperatorProcess, k8s: client.ApiClient,
+    control_plane: ControlPlane,
+    operator_process: OperatorProcess,
+    k8s: client.ApiClient,
     namespace: str,
 ) -> None:
     assert apply(control_plane, namespace, ftj("ok-job")).returncode == 0
-    obj = wait_for("Accepted=True", lambda: (
-        (o := get(k8s, namespace, "finetunejobs", "ok-job"))
-        and (c := condition(o, "Accepted")) and c["status"] == "True" and o))
+    obj = wait_for(
+        "Accepted=True",
+        lambda: (
+            (o := get(k8s, namespace, "finetunejobs", "ok-job"))
+            and (c := condition(o, "Accepted"))
+            and c["status"] == "True"
+            and o
+        ),
+    )
     c = condition(obj, "Accepted")
     assert c is not None and c["reason"] == "Validated"
     assert c["observedGeneration"] == obj["metadata"]["generation"]
@@ -159,15 +198,23 @@ def test_valid_job_is_accepted_by_the_operator(
 
 
 def test_cross_field_error_becomes_an_invalid_spec_condition(
-    control_plane: ControlPlane, operator_process: OperatorProcess, k8s: client.ApiClient,
+    control_plane: ControlPlane,
+    operator_process: OperatorProcess,
+    k8s: client.ApiClient,
     namespace: str,
 ) -> None:
     # The schema cannot say "a multiple of": the operator reports it, naming the field.
     obj = ftj("bad-batch", hyperparameters={"globalBatchSize": 10, "microBatchSize": 4})
     assert apply(control_plane, namespace, obj).returncode == 0
-    got = wait_for("Failed=True", lambda: (
-        (o := get(k8s, namespace, "finetunejobs", "bad-batch"))
-        and (c := condition(o, "Failed")) and c["status"] == "True" and o))
+    got = wait_for(
+        "Failed=True",
+        lambda: (
+            (o := get(k8s, namespace, "finetunejobs", "bad-batch"))
+            and (c := condition(o, "Failed"))
+            and c["status"] == "True"
+            and o
+        ),
+    )
     c = condition(got, "Failed")
     assert c is not None and c["reason"] == "InvalidSpec"
     assert "spec.hyperparameters" in c["message"] and "globalBatchSize" in c["message"]

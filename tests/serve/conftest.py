@@ -6,8 +6,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from graft.testing.tiny_model import build_tiny_adapter, build_tiny_model
 from servekit import FAST_SERVE, LocalServe, TinyModels, free_port
+
+from graft.testing.tiny_model import build_tiny_adapter, build_tiny_model
 
 
 @pytest.fixture(scope="session")

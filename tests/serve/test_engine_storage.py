@@ -6,9 +6,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from servekit import TinyModels
+
 from graft.runtime.serve.engine import EngineError, GenerationRequest
 from graft.runtime.serve.storage import StorageError, download, resolve
-from servekit import TinyModels
 
 
 async def _text(engine: object, req: GenerationRequest) -> str:

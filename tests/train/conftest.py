@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from graft.testing.corpus import (
     chat_records,
     domain_documents,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from graft.runtime.train.checkpoint import CheckpointStore, FileEntry, checkpoint_name
 from graft.runtime.train.config import Location, resolve
 

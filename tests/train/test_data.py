@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from graft.api.finetunejob import DataPrep, Dataset, StageType
 from graft.runtime.train.config import Location, resolve
 from graft.runtime.train.data import read_records

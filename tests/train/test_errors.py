@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from conftest import make_job
+
 from graft.runtime.train import EXIT_USER_ERROR, UserError, launch_local, run_training
 
 

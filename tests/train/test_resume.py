@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_job
+from safetensors.torch import load_file
+
 from graft.runtime.train import EXIT_RETRYABLE, launch_local, run_training
 from graft.runtime.train.launch import _children
-from safetensors.torch import load_file
 
 
 def tree(pid: int) -> list[int]:

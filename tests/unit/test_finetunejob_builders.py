@@ -14,6 +14,7 @@ from builders_fixtures import (
     cpu_pool,
     settings,
 )
+
 from graft.api.finetunejob import FineTuneJobSpec, Placement
 from graft.builders import naming
 from graft.builders.finetunejob import (

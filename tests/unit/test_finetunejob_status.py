@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from builders_fixtures import T0, PodBuilder, node, nodes, ts
+
 from graft.api.common import Condition
 from graft.api.finetunejob import (
     CheckpointRef,

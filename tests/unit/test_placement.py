@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from builders_fixtures import FineTuneJobBuilder, a100_40g, a100_80g, cpu_pool, single_gpu
+
 from graft.api.finetunejob import Method, Parallelism, Placement, Precision, Resources
 from graft.config import NodePool
 from graft.placement import (

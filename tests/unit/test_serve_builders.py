@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from graft.api.modelservice import ModelService
 from graft.builders.rayservice import (
     RAY_VERSION,

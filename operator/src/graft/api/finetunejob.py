@@ -390,6 +390,14 @@ class Placement(ApiModel):
     gpus_per_node: int = Field(ge=0, description="GPUs requested by each pod.")
 
 
+class FailureRecord(ApiModel):
+    reason: str = Field(description="Why the attempt failed (NodeLost, PodEvicted, UserError...).")
+    message: str = Field(default="", description="What happened and what to do.")
+    time: str | None = Field(default=None, description="When the operator noticed (RFC 3339).")
+    node: str | None = Field(default=None, description="Node of the failed rank, if any.")
+    rank: int | None = Field(default=None, description="Rank that failed, if one did.")
+
+
 class FineTuneJobPhase(StrEnum):
     PENDING = "Pending"
     RUNNING = "Running"
@@ -424,6 +432,26 @@ class FineTuneJobStatus(ApiModel):
     )
     data: DataCounts | None = Field(default=None, description="Data preparation counts.")
     output: OutputStatus | None = Field(default=None, description="The result, once succeeded.")
+    last_failure: FailureRecord | None = Field(
+        default=None, description="The most recent failure of an attempt."
+    )
+    restart_at: str | None = Field(
+        default=None, description="While Restarting: when the next attempt starts (backoff)."
+    )
+    avoid_nodes: list[str] = Field(
+        default_factory=list,
+        description="Nodes where attempts failed; new attempts prefer other nodes.",
+    )
+    completed_attempts_gpu_hours: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPU-hours of attempts already torn down; gpuHours adds the current one.",
+    )
+    spec_hash: str | None = Field(
+        default=None,
+        description="Hash of the spec (minus suspend) the job started with; later changes "
+        "are refused.",
+    )
     start_time: str | None = Field(default=None, description="When the first attempt started.")
     completion_time: str | None = Field(default=None, description="When the job finished.")
 

@@ -1,37 +1,112 @@
-"""Kopf handlers for FineTuneJob: parse, call the reconciler, write status once."""
+"""Kopf handlers for FineTuneJob and for the Pods and Nodes its gangs run on.
+
+Every trigger (the job changed, one of its Pods changed, a Node it uses changed or
+vanished) runs the same level-triggered pass of ``graft.reconcile.finetunejob``.
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import kopf
 
-from graft import metrics
 from graft.api.common import GROUP, VERSION
 from graft.api.finetunejob import KIND, PLURAL
-from graft.reconcile import finetunejob as reconciler
+from graft.builders.naming import LABEL_JOB
+from graft.reconcile.finetunejob import FineTuneJobReconciler
+
+_POD_FIELDS = (
+    "name",
+    "namespace",
+    "labels",
+    "annotations",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "ownerReferences",
+)
+
+
+def _owner_job(body: kopf.Body) -> str | None:
+    for ref in body.metadata.get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(GROUP):
+            return str(ref["name"])
+    return None
+
+
+def _reconciler(memo: Any, kwargs: dict[str, Any]) -> FineTuneJobReconciler:
+    """The reconciler, pointed at Kopf's live indexes (handed to handlers as kwargs)."""
+    rec: FineTuneJobReconciler = memo.finetunejobs
+    rec.use_indexes(kwargs["graft_trainer_pods"], kwargs["graft_nodes"])
+    return rec
+
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
+def graft_trainer_pods(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+    """(namespace, job) -> the Pod, trimmed to what the reconciler reads."""
+    job = _owner_job(body)
+    if job is None:
+        return None
+    meta = {k: body.metadata.get(k) for k in _POD_FIELDS if body.metadata.get(k) is not None}
+    pod = {
+        "metadata": meta,
+        "spec": {"nodeName": body.spec.get("nodeName")},
+        "status": dict(body.status),
+    }
+    return {(namespace, job): pod}
+
+
+@kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
+def graft_trainer_pods_by_node(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[Any, Any] | None:
+    """node name -> (namespace, job) of the gangs on it."""
+    node, job = body.spec.get("nodeName"), _owner_job(body)
+    return {node: (namespace, job)} if node and job else None
+
+
+@kopf.index("nodes")
+def graft_nodes(name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+    """node name -> the Node's Ready condition (all the failure classifier reads)."""
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    return {name: {"metadata": {"name": name}, "status": {"conditions": ready}}}
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-async def changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    t0 = time.perf_counter()
-    try:
-        status = await reconciler.reconcile(memo.kube, memo.config, body)
-    except Exception:
-        metrics.RECONCILES.labels(KIND, "error").inc()
-        raise
-    patch.status.update(status)
-    metrics.RECONCILES.labels(KIND, "ok").inc()
-    metrics.RECONCILE_SECONDS.labels(KIND).observe(time.perf_counter() - t0)
-    metrics.observe_phase(
-        KIND, f"{body.metadata.namespace}/{body.metadata.name}", status.get("phase")
-    )
+async def job_changed(name: str, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+    await _reconciler(memo, kwargs).reconcile(str(namespace), name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-async def deleted(body: kopf.Body, **_: Any) -> None:
-    # Children go with owner references; this only forgets the metrics series.
-    metrics.observe_phase(KIND, f"{body.metadata.namespace}/{body.metadata.name}", None)
+async def job_deleted(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    # Children go with owner references; only in-memory state is left to drop.
+    memo.finetunejobs.forget(str(namespace), name)
+
+
+@kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})
+async def trainer_pod_changed(
+    body: kopf.Body, namespace: str | None, memo: Any, **kwargs: Any
+) -> None:
+    job = _owner_job(body)
+    if job:
+        await _reconciler(memo, kwargs).reconcile(str(namespace), job)
+
+
+@kopf.on.event("nodes")
+async def node_changed(name: str, type: str, status: kopf.Status, memo: Any, **kwargs: Any) -> None:
+    # Heartbeats change Nodes all the time; only a change of readiness or a deletion matters.
+    ready = next(
+        (c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"),
+        "Unknown",
+    )
+    state = "Deleted" if type == "DELETED" else str(ready)
+    seen: dict[str, str] = memo.node_readiness
+    if seen.get(name) == state:
+        return
+    seen[name] = state
+    if state == "Deleted":
+        seen.pop(name, None)
+    rec = _reconciler(memo, kwargs)
+    for ns, job in sorted(set(kwargs["graft_trainer_pods_by_node"].get(name, []))):
+        await rec.reconcile(ns, job)

@@ -9,6 +9,7 @@ import kopf
 
 from graft.config import load_settings
 from graft.kube import Kube
+from graft.reconcile.finetunejob import FineTuneJobReconciler
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     configure_kopf(settings)
     memo.config = load_settings()
     memo.kube = await Kube.connect()
+    memo.finetunejobs = FineTuneJobReconciler(memo.kube, memo.config)
+    memo.node_readiness = {}
     pools = [p.name for p in memo.config.node_pools]
     log.info("graft operator started", extra={"nodePools": pools})
 

@@ -141,6 +141,44 @@ class FakeKubelet:
     def delete_node(self, name: str) -> None:
         self.core.delete_node(name)
 
+    # -- storage ---------------------------------------------------------------------
+    def add_bound_claim(self, namespace: str, claim: str, size: str = "100Gi") -> None:
+        """A PersistentVolumeClaim bound to a pre-made PersistentVolume.
+
+        The scheduler only places Pods whose claims are Bound; the PV is pre-bound through
+        claimRef and the controller-manager's binder completes the binding.
+        """
+        pv = f"pv-{namespace}-{claim}"[:63]
+        self.core.create_persistent_volume(
+            {  # type: ignore[arg-type]
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": size},
+                    "accessModes": ["ReadWriteMany"],
+                    "persistentVolumeReclaimPolicy": "Delete",
+                    "storageClassName": "graft-test",
+                    "hostPath": {"path": f"/tmp/graft-test-pv/{pv}"},
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
+        self.core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {  # type: ignore[arg-type]
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "graft-test",
+                    "volumeName": pv,
+                    "resources": {"requests": {"storage": size}},
+                },
+            },
+        )
+
     # -- pods ------------------------------------------------------------------------
     def pods(self, namespace: str, selector: str) -> list[Any]:
         return list(self.core.list_namespaced_pod(namespace, label_selector=selector).items)
@@ -192,8 +230,9 @@ class FakeKubelet:
             "finishedAt": _now(),
             "startedAt": _now(),
             "reason": reason or ("Completed" if exit_code == 0 else "Error"),
-            "message": text,
         }
+        if text:  # an empty string in a list item is refused by the 1.20 apiserver
+            term["message"] = text
         self.core.patch_namespaced_pod_status(
             name,
             namespace,
@@ -214,6 +253,18 @@ class FakeKubelet:
                 }
             },
         )
+
+    def force_delete_pods(self, namespace: str) -> None:
+        """Delete every pod at once: no kubelet is here to confirm a graceful deletion."""
+        for pod in self.core.list_namespaced_pod(namespace).items:
+            assert pod.metadata is not None and pod.metadata.name is not None
+            try:
+                self.core.delete_namespaced_pod(
+                    pod.metadata.name, namespace, grace_period_seconds=0
+                )
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
 
     def evict_pod(self, namespace: str, name: str) -> None:
         """Mark a pod Failed with reason Evicted, as the kubelet does under node pressure."""

@@ -19,8 +19,14 @@ from graft.testing.controlplane import ControlPlane, free_port
 class OperatorProcess:
     """``graft-operator`` as a child process, with its log kept in a file."""
 
-    def __init__(self, cp: ControlPlane, log_dir: Path, *, node_pools: list[dict[str, Any]] | None
-                 = None, extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        cp: ControlPlane,
+        log_dir: Path,
+        *,
+        node_pools: list[dict[str, Any]] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.cp = cp
         self.log_path = log_dir / f"operator-{time.time_ns()}.log"
         self.health_port = free_port()
@@ -40,8 +46,11 @@ class OperatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "graft.operator_main"], env=self.env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "graft.operator_main"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

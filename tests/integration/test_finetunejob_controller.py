@@ -1,0 +1,381 @@
+"""The FineTuneJob controller on a real control plane: the real scheduler places the gang on
+fake A100 nodes, a fake kubelet (no kubelet can run here) drives Pod and Node status."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from graft.testing.cluster import FakeKubelet, wait_for
+from graft.testing.controlplane import ControlPlane
+from graft.testing.operator import OperatorProcess
+
+pytestmark = pytest.mark.integration
+
+NodeFactory = Callable[..., list[str]]
+
+
+def job(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "baseModel": {"uri": "pvc://models/llama-8b"},
+        "stages": [{"type": "SFT", "dataset": {"uri": "pvc://data/sft.jsonl", "format": "alpaca"}}],
+        "output": {"uri": "pvc://models/out"},
+        "resources": {"nodes": 2, "gpusPerNode": 8},
+        "restartPolicy": {"maxRestarts": 3, "backoffSeconds": 0},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+class Jobs:
+    """Small fluent helpers over one namespace."""
+
+    def __init__(self, k8s: client.ApiClient, kubelet: FakeKubelet, ns: str) -> None:
+        self.custom = client.CustomObjectsApi(k8s)
+        self.core = client.CoreV1Api(k8s)
+        self.kubelet = kubelet
+        self.ns = ns
+
+    def create(self, obj: dict[str, Any]) -> None:
+        self.custom.create_namespaced_custom_object(
+            "graft.dev", "v1alpha1", self.ns, "finetunejobs", obj
+        )
+
+    def patch(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            "graft.dev", "v1alpha1", self.ns, "finetunejobs", name, {"spec": spec}
+        )
+
+    def get(self, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            "graft.dev", "v1alpha1", self.ns, "finetunejobs", name
+        )
+        return out
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def cond(self, name: str, type_: str) -> dict[str, Any] | None:
+        return next(
+            (c for c in self.status(name).get("conditions", []) if c["type"] == type_), None
+        )
+
+    def wait_cond(
+        self, name: str, type_: str, status: str = "True", timeout: float = 30
+    ) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            c = self.cond(name, type_)
+            return c if c and c["status"] == status else None
+
+        out: dict[str, Any] = wait_for(f"{name} {type_}={status}", probe, timeout)
+        return out
+
+    def pods(self, name: str, attempt: int | None = None, live: bool = True) -> list[Any]:
+        sel = f"graft.dev/job={name}" + (f",graft.dev/attempt={attempt}" if attempt else "")
+        pods = self.kubelet.pods(self.ns, sel)
+        if live:
+            pods = [p for p in pods if p.metadata.deletion_timestamp is None]
+        return sorted(pods, key=lambda p: int(p.metadata.labels["graft.dev/rank"]))
+
+    def wait_scheduled(self, name: str, attempt: int, count: int, timeout: float = 30) -> list[Any]:
+        def probe() -> list[Any] | None:
+            pods = self.pods(name, attempt)
+            ok = len(pods) == count and all(p.spec.node_name for p in pods)
+            return pods if ok else None
+
+        try:
+            out: list[Any] = wait_for(
+                f"{count} pods of attempt {attempt} scheduled", probe, timeout
+            )
+        except AssertionError as e:
+            why = [(p.metadata.name, p.status.conditions) for p in self.pods(name, attempt)]
+            raise AssertionError(f"{e}; pods: {why}") from None
+        return out
+
+    def run_all(self, name: str, attempt: int) -> None:
+        for p in self.pods(name, attempt):
+            self.kubelet.run_pod(self.ns, p.metadata.name)
+        self.wait_cond(name, "Running")
+
+    def annotate_progress(self, pod: str, progress: dict[str, Any]) -> None:
+        self.core.patch_namespaced_pod(
+            pod,
+            self.ns,
+            {"metadata": {"annotations": {"graft.dev/progress": json.dumps(progress)}}},
+        )
+
+
+CLAIMS = ("models", "data")
+
+
+@pytest.fixture
+def jobs(
+    k8s: client.ApiClient, kubelet: FakeKubelet, namespace: str, operator_process: OperatorProcess
+) -> Jobs:
+    for claim in CLAIMS:
+        kubelet.add_bound_claim(namespace, claim)
+    return Jobs(k8s, kubelet, namespace)
+
+
+def env_of(pod: Any) -> dict[str, str]:
+    return {e.name: e.value for e in pod.spec.containers[0].env if e.value is not None}
+
+
+def test_two_node_gang_lands_on_a100_nodes(
+    jobs: Jobs, nodes: NodeFactory, control_plane: ControlPlane
+) -> None:
+    a100 = nodes(a100=2, cpu=2)[:2]
+    jobs.create(job("gang"))
+    pods = jobs.wait_scheduled("gang", 1, 2)
+    assert {p.spec.node_name for p in pods} == set(a100), "one rank per A100 node"
+    for rank, pod in enumerate(pods):
+        env = env_of(pod)
+        assert env["GRAFT_NODE_RANK"] == str(rank)
+        assert env["GRAFT_NNODES"] == "2" and env["GRAFT_NPROC_PER_NODE"] == "8"
+        assert env["MASTER_ADDR"].startswith(f"gang-r0.gang-gang.{jobs.ns}.svc")
+        assert env["GRAFT_ATTEMPT"] == "1"
+        limits = pod.spec.containers[0].resources.limits
+        assert limits["nvidia.com/gpu"] == "8"
+        assert pod.spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    st = jobs.status("gang")
+    assert st["placement"] == {"nodePool": "a100-80g", "nodes": 2, "gpusPerNode": 8}
+    assert st["phase"] == "Pending" and st["attempt"] == 1
+    svc = jobs.core.read_namespaced_service("gang-gang", jobs.ns)
+    assert svc.spec.cluster_ip == "None"
+    jobs.run_all("gang", 1)
+    assert jobs.status("gang")["phase"] == "Running"
+    out = control_plane.kubectl("get", "ftj", "gang", "-n", jobs.ns).stdout
+    assert "Running" in out
+
+
+def test_job_no_pool_can_hold_is_refused(jobs: Jobs, nodes: NodeFactory) -> None:
+    nodes(a100=1)
+    jobs.create(job("huge", resources={"gpus": 64}))  # 8 nodes; the pool holds 4
+    c = jobs.wait_cond("huge", "Admitted", "False")
+    assert c["reason"] == "Unschedulable"
+    assert "maxNodes" in c["message"] or "4" in c["message"], c["message"]
+    assert jobs.pods("huge") == []
+
+
+def test_progress_from_rank0_reaches_status_within_5s(
+    jobs: Jobs, nodes: NodeFactory, control_plane: ControlPlane
+) -> None:
+    nodes(a100=2)
+    jobs.create(job("prog"))
+    jobs.wait_scheduled("prog", 1, 2)
+    jobs.run_all("prog", 1)
+    rank0 = jobs.pods("prog", 1)[0].metadata.name
+    t0 = time.monotonic()
+    jobs.annotate_progress(
+        rank0,
+        {
+            "stage": "sft",
+            "step": 120,
+            "totalSteps": 400,
+            "epoch": 0.3,
+            "loss": 1.93,
+            "tokensPerSecond": 5230.0,
+            "eta": "12m30s",
+            "lastCheckpoint": {
+                "step": 100,
+                "uri": "pvc://models/out/checkpoints/ckpt-s00-00000100",
+            },
+        },
+    )
+    wait_for(
+        "progress in status",
+        lambda: (jobs.status("prog").get("progress") or {}).get("step") == 120,
+        timeout=5,
+    )
+    elapsed = time.monotonic() - t0
+    assert elapsed < 5
+    out = control_plane.kubectl("get", "ftj", "prog", "-n", jobs.ns).stdout
+    assert "120/400" in out and "1.93" in out
+    st = jobs.status("prog")
+    assert st["lastCheckpoint"]["step"] == 100
+
+
+Failure = Callable[[Jobs, FakeKubelet, Any], None]
+
+
+def fail_node_not_ready(jobs: Jobs, kubelet: FakeKubelet, pod: Any) -> None:
+    kubelet.set_node_ready(pod.spec.node_name, False)
+
+
+def fail_node_deleted(jobs: Jobs, kubelet: FakeKubelet, pod: Any) -> None:
+    kubelet.delete_node(pod.spec.node_name)
+
+
+def fail_pod_evicted(jobs: Jobs, kubelet: FakeKubelet, pod: Any) -> None:
+    kubelet.evict_pod(jobs.ns, pod.metadata.name)
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (fail_node_not_ready, "NodeLost"),
+        (fail_node_deleted, "NodeLost"),
+        (fail_pod_evicted, "PodEvicted"),
+    ],
+    ids=["node-not-ready", "node-deleted", "pod-evicted"],
+)
+def test_failure_restarts_the_gang_from_the_checkpoint(
+    jobs: Jobs, kubelet: FakeKubelet, nodes: NodeFactory, failure: Failure, reason: str
+) -> None:
+    nodes(a100=4)
+    jobs.create(job("rec"))
+    jobs.wait_scheduled("rec", 1, 2)
+    jobs.run_all("rec", 1)
+    ckpt = "pvc://models/out/checkpoints/ckpt-s00-00000200"
+    rank0, rank1 = jobs.pods("rec", 1)
+    jobs.annotate_progress(
+        rank0.metadata.name,
+        {"step": 210, "totalSteps": 400, "lastCheckpoint": {"step": 200, "uri": ckpt}},
+    )
+    wait_for("checkpoint in status", lambda: jobs.status("rec").get("lastCheckpoint"))
+    t0 = time.monotonic()
+    failure(jobs, kubelet, rank1)
+    wait_for("restart noticed", lambda: jobs.status("rec").get("restarts") == 1, timeout=10)
+    detected = time.monotonic() - t0
+    assert detected < 10
+    new = jobs.wait_scheduled("rec", 2, 2)
+    assert rank1.spec.node_name not in {p.spec.node_name for p in new}
+    for p in new:
+        assert env_of(p)["GRAFT_RESUME_FROM"] == ckpt
+        assert env_of(p)["GRAFT_ATTEMPT"] == "2"
+    cm = jobs.core.read_namespaced_config_map("rec-config", jobs.ns)
+    config = json.loads(cm.data["job.json"])
+    assert config["resumeFrom"] == ckpt and config["attempt"] == 2
+    st = jobs.status("rec")
+    assert st["lastFailure"]["reason"] == reason
+    assert st["attempt"] == 2
+    jobs.run_all("rec", 2)
+    c = jobs.cond("rec", "Restarting")
+    assert c is not None and c["status"] == "False"
+
+
+def test_max_restarts_fails_the_job(jobs: Jobs, kubelet: FakeKubelet, nodes: NodeFactory) -> None:
+    nodes(a100=2)
+    jobs.create(
+        job(
+            "flaky",
+            resources={"nodes": 1, "gpusPerNode": 8},
+            restartPolicy={"maxRestarts": 1, "backoffSeconds": 0},
+        )
+    )
+    for attempt in (1, 2):
+        (pod,) = jobs.wait_scheduled("flaky", attempt, 1)
+        kubelet.run_pod(jobs.ns, pod.metadata.name)
+        kubelet.evict_pod(jobs.ns, pod.metadata.name)
+    c = jobs.wait_cond("flaky", "Failed")
+    assert c["reason"] == "MaxRestartsExceeded"
+    assert "maxRestarts" in c["message"]
+    st = jobs.status("flaky")
+    assert st["phase"] == "Failed" and st["restarts"] == 1 and st["attempt"] == 2
+
+
+def test_user_error_fails_without_retry(
+    jobs: Jobs, kubelet: FakeKubelet, nodes: NodeFactory
+) -> None:
+    nodes(a100=2)
+    jobs.create(job("usererr"))
+    jobs.wait_scheduled("usererr", 1, 2)
+    jobs.run_all("usererr", 1)
+    rank0 = jobs.pods("usererr", 1)[0]
+    kubelet.finish_pod(
+        jobs.ns,
+        rank0.metadata.name,
+        10,
+        {
+            "reason": "MalformedDataset",
+            "retryable": False,
+            "message": "data/sft.jsonl line 7: not valid JSON; fix or remove that line",
+        },
+    )
+    c = jobs.wait_cond("usererr", "Failed")
+    assert "line 7" in c["message"]
+    time.sleep(2)  # would a new attempt appear? it must not
+    st = jobs.status("usererr")
+    assert st["attempt"] == 1 and st.get("restarts", 0) == 0
+    assert jobs.pods("usererr", 2) == []
+
+
+def test_suspend_and_resume(jobs: Jobs, kubelet: FakeKubelet, nodes: NodeFactory) -> None:
+    nodes(a100=2)
+    jobs.create(job("sus", resources={"nodes": 1, "gpusPerNode": 8}))
+    (pod,) = jobs.wait_scheduled("sus", 1, 1)
+    kubelet.run_pod(jobs.ns, pod.metadata.name)
+    jobs.wait_cond("sus", "Running")
+    jobs.patch("sus", {"suspend": True})
+    jobs.wait_cond("sus", "Suspended")
+    wait_for("pods told to stop", lambda: not jobs.pods("sus", 1))
+    assert jobs.status("sus")["phase"] == "Suspended"
+    jobs.patch("sus", {"suspend": False})
+    jobs.wait_scheduled("sus", 2, 1, timeout=60)
+    assert jobs.status("sus").get("restarts", 0) == 0
+
+
+def test_spec_change_of_started_job_is_refused(jobs: Jobs, nodes: NodeFactory) -> None:
+    nodes(a100=2)
+    jobs.create(job("frozen", resources={"nodes": 1, "gpusPerNode": 8}))
+    jobs.wait_scheduled("frozen", 1, 1)
+    jobs.patch("frozen", {"hyperparameters": {"learningRate": 0.1}})
+    c = jobs.wait_cond("frozen", "Accepted", "False")
+    assert c["reason"] == "SpecChangeRefused"
+    assert len(jobs.pods("frozen")) == 1
+
+
+@pytest.fixture
+def own_operator(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory, k8s: client.ApiClient
+) -> Iterator[tuple[OperatorProcess, str]]:
+    """A namespace that only a dedicated operator (which the test may kill) watches."""
+    ns = f"k-{uuid.uuid4().hex[:8]}"
+    client.CoreV1Api(k8s).create_namespace({"metadata": {"name": ns}})  # type: ignore[arg-type]
+    op = OperatorProcess(
+        control_plane, tmp_path_factory.mktemp("op-kill"), extra_env={"GRAFT_WATCH_NAMESPACES": ns}
+    )
+    yield op, ns
+    op.stop()
+    FakeKubelet(k8s).force_delete_pods(ns)
+    client.CoreV1Api(k8s).delete_namespace(ns)
+
+
+def test_operator_killed_mid_reconcile_loses_nothing(
+    own_operator: tuple[OperatorProcess, str],
+    k8s: client.ApiClient,
+    kubelet: FakeKubelet,
+    nodes: NodeFactory,
+) -> None:
+    op, ns = own_operator
+    jobs = Jobs(k8s, kubelet, ns)
+    for claim in CLAIMS:
+        kubelet.add_bound_claim(ns, claim)
+    nodes(a100=4)
+    op.start()
+    names = [f"kill-{i}" for i in range(4)]
+    for n in names:
+        jobs.create(job(n, resources={"nodes": 1, "gpusPerNode": 8}))
+    # kill -9 while the first pods are being created
+    wait_for("first pod", lambda: any(jobs.pods(n) for n in names), timeout=30, interval=0.05)
+    op.kill()
+    op.start()
+    for n in names:
+        jobs.wait_scheduled(n, 1, 1, timeout=60)
+    for n in names:
+        st = jobs.status(n)
+        assert st["attempt"] == 1, st
+        assert len(jobs.pods(n, live=False)) == 1, "a duplicate pod was created"
+        c = jobs.cond(n, "Accepted")
+        assert c is not None and c["status"] == "True"
