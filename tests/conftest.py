@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,13 +12,14 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from graft.testing.cluster import FakeKubelet, api_client
+from graft.testing.cluster import FakeKubelet, api_client, wait_for
 from graft.testing.controlplane import ControlPlane, start_control_plane
 from graft.testing.operator import OperatorProcess
 
 NodeFactory = Callable[..., list[str]]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+KUBERAY = SHARED / "thirdparty" / "kuberay"
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +35,30 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
             "crd/finetunejobs.graft.dev",
             "crd/modelservices.graft.dev",
         )
+        if KUBERAY.is_dir():
+            # KubeRay's current CRDs need three edits to install on 1.20 (no CEL, ...):
+            # ../shared/envtest/downlevel_crd.py makes them, into a temp dir (never the repo).
+            out = tmp_path_factory.mktemp("kuberay-crds")
+            crds = [str(p) for p in sorted(KUBERAY.glob("*.yaml"))]
+            script = str(SHARED / "envtest" / "downlevel_crd.py")
+            subprocess.run([sys.executable, script, str(out), *crds], check=True)
+            cp.kubectl("apply", "--server-side", "-f", str(out))
+            # kubectl wait errors while a fresh CRD has no conditions yet: poll instead
+            wait_for(
+                "KubeRay CRDs established",
+                lambda: all(
+                    "True"
+                    in cp.kubectl(
+                        "get",
+                        f"crd/{c}.ray.io",
+                        "-o",
+                        'jsonpath={.status.conditions[?(@.type=="Established")].status}',
+                        check=False,
+                    ).stdout
+                    for c in ("rayservices", "rayclusters")
+                ),
+                timeout=60,
+            )
         yield cp
     finally:
         cp.stop()

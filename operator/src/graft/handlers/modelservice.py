@@ -1,37 +1,60 @@
-"""Kopf handlers for ModelService: parse, call the reconciler, write status once."""
+"""Kopf handlers for ModelService and for what it depends on (its RayService, FineTuneJobs)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import kopf
 
-from graft import metrics
 from graft.api.common import GROUP, VERSION
-from graft.api.modelservice import KIND, PLURAL
-from graft.reconcile import modelservice as reconciler
+from graft.api.modelservice import PLURAL
+from graft.builders.rayservice import LABEL_MODELSERVICE
+from graft.reconcile.modelservice import ModelServiceReconciler
+
+
+def _rec(memo: Any) -> ModelServiceReconciler:
+    rec: ModelServiceReconciler = memo.modelservices
+    return rec
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def graft_services_by_job(
+    namespace: str | None, name: str, spec: kopf.Spec, **_: Any
+) -> dict[Any, Any] | None:
+    """(namespace, FineTuneJob) -> the ModelServices that serve its adapter."""
+    jobs = {
+        a.get("fromFineTuneJob")
+        for a in (spec.get("model") or {}).get("adapters") or []
+        if a.get("fromFineTuneJob")
+    }
+    return {(namespace, j): name for j in jobs} or None
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-async def changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    t0 = time.perf_counter()
-    try:
-        status = await reconciler.reconcile(memo.kube, memo.config, body)
-    except Exception:
-        metrics.RECONCILES.labels(KIND, "error").inc()
-        raise
-    patch.status.update(status)
-    metrics.RECONCILES.labels(KIND, "ok").inc()
-    metrics.RECONCILE_SECONDS.labels(KIND).observe(time.perf_counter() - t0)
-    metrics.observe_phase(
-        KIND, f"{body.metadata.namespace}/{body.metadata.name}", status.get("phase")
-    )
+async def service_changed(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    await _rec(memo).reconcile(str(namespace), name)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-async def deleted(body: kopf.Body, **_: Any) -> None:
-    # Children go with owner references; this only forgets the metrics series.
-    metrics.observe_phase(KIND, f"{body.metadata.namespace}/{body.metadata.name}", None)
+async def service_deleted(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    _rec(memo).forget(str(namespace), name)
+
+
+@kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_MODELSERVICE: kopf.PRESENT})
+async def rayservice_changed(body: kopf.Body, namespace: str | None, memo: Any, **_: Any) -> None:
+    for ref in body.metadata.get("ownerReferences") or []:
+        if ref.get("kind") == "ModelService":
+            await _rec(memo).reconcile(str(namespace), str(ref["name"]))
+
+
+@kopf.on.event(GROUP, VERSION, "finetunejobs")
+async def finetunejob_changed(
+    name: str, namespace: str | None, status: kopf.Status, memo: Any, **kwargs: Any
+) -> None:
+    # Only the terminal phases change what a service can load.
+    if status.get("phase") not in ("Succeeded", "Failed") and kwargs.get("type") != "DELETED":
+        return
+    for svc in sorted(set(kwargs["graft_services_by_job"].get((namespace, name), []))):
+        await _rec(memo).reconcile(str(namespace), svc)

@@ -10,6 +10,7 @@ import kopf
 from graft.config import load_settings
 from graft.kube import Kube
 from graft.reconcile.finetunejob import FineTuneJobReconciler
+from graft.reconcile.modelservice import ModelServiceReconciler
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.kube = await Kube.connect()
     memo.finetunejobs = FineTuneJobReconciler(memo.kube, memo.config)
     memo.node_readiness = {}
+    memo.modelservices = ModelServiceReconciler(memo.kube, memo.config)
     pools = [p.name for p in memo.config.node_pools]
     log.info("graft operator started", extra={"nodePools": pools})
 
