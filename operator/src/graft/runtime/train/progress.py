@@ -40,7 +40,8 @@ def format_eta(seconds: float | None) -> str | None:
 
 
 class PodAnnotator:
-    """Patches the progress annotation of this Pod with the in-cluster service account."""
+    """Patches the progress annotation of this Pod with the in-cluster service account
+    (or, outside a pod, the cluster of ``KUBECONFIG``)."""
 
     def __init__(self, pod: str, namespace: str, interval: float) -> None:
         self.pod = pod
@@ -58,7 +59,11 @@ class PodAnnotator:
         if self._api is None:
             from kubernetes import client, config
 
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            try:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+            except config.ConfigException:
+                # Not in a pod (a test kubelet runs trainers as local processes): KUBECONFIG.
+                config.load_kube_config()  # type: ignore[no-untyped-call]
             self._api = client.CoreV1Api()
         return self._api
 
