@@ -1,0 +1,217 @@
+"""``graft serve``: a ModelService on a local Ray Serve, with the operator's serve config.
+
+The config is ``build_serve_config`` (what the operator puts in the RayService's
+``serveConfigV2``) with only local changes: URIs made absolute, HTTP on 127.0.0.1:<port>,
+and, on a machine without GPUs, replicas on CPU with the transformers engine. It is handed
+to the Serve controller the way KubeRay's call to the dashboard does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graft.api.modelservice import Engine
+from graft.builders.serve_config import (
+    APP_NAME,
+    DEPLOYMENT_NAME,
+    ResolvedAdapter,
+    build_serve_config,
+    replica_cpus,
+    served_name,
+)
+from graft.local import state as st
+from graft.local.spec import ServiceFile, SpecError
+
+DEFAULT_PORT = 8000
+
+
+@dataclass
+class ServeOptions:
+    workdir: Path = st.DEFAULT_WORKDIR
+    pvc_root: Path = st.DEFAULT_PVC_ROOT
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    verbose: bool = False
+    deploy_timeout: float = 600.0
+
+
+@dataclass
+class LocalService:
+    """A running local deployment: where it answers and what it serves."""
+
+    endpoint: str
+    model: str
+    adapters: list[str]
+    config: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def absolute_uri(uri: str, pvc_root: Path) -> str:
+    """file:// and pvc:// as absolute file:// URIs (Ray workers do not share our cwd or
+    flags); other schemes unchanged."""
+    path = st.local_path(uri, pvc_root)
+    return f"file://{path}" if path is not None else uri
+
+
+def resolve_adapters(svc: ServiceFile, opts: ServeOptions) -> list[ResolvedAdapter]:
+    """Each adapter with a concrete URI; ``fromFineTuneJob: X`` is read from the state file
+    that ``graft run`` wrote for X (``<workdir>/jobs/X.json``)."""
+    out = []
+    pvc_root = opts.pvc_root.absolute()
+    for a in svc.spec.model.adapters:
+        if a.uri is not None:
+            out.append(ResolvedAdapter(a.name, absolute_uri(a.uri, pvc_root)))
+            continue
+        job = str(a.from_fine_tune_job)
+        where = st.state_path(opts.workdir, job)
+        state = st.read_state(opts.workdir, job)
+        field_ = f"spec.model.adapters[{a.name}].fromFineTuneJob"
+        if state is None:
+            raise SpecError(
+                f"{svc.path}: {field_}: no local run of FineTuneJob {job!r} ({where} not "
+                f"found); run `graft run <its file>` first with --workdir {opts.workdir}, "
+                "or give the adapter a uri"
+            )
+        if state.get("phase") != "Succeeded":
+            raise SpecError(
+                f"{svc.path}: {field_}: FineTuneJob {job!r} has not succeeded here (phase "
+                f"{state.get('phase')}); run `graft run {state.get('file', '<its file>')}` "
+                "again to finish it"
+            )
+        output = state.get("output") or {}
+        if output.get("kind") not in (None, "adapter"):
+            raise SpecError(
+                f"{svc.path}: {field_}: FineTuneJob {job!r} wrote a full model "
+                f"({output.get('uri')}), not an adapter; serve it as the base model instead"
+            )
+        path = output.get("path")
+        uri = f"file://{path}" if path else str(output.get("uri"))
+        out.append(ResolvedAdapter(a.name, uri))
+    return out
+
+
+def local_config(
+    svc: ServiceFile, adapters: list[ResolvedAdapter], opts: ServeOptions, *, gpus: float
+) -> tuple[dict[str, Any], list[str]]:
+    """The operator's serve config with the local changes, and a note for each change."""
+    cfg = copy.deepcopy(build_serve_config(_with_name(svc), adapters))
+    notes: list[str] = []
+    cfg["http_options"] = {"host": opts.host, "port": opts.port}
+    app = cfg["applications"][0]
+    app["args"]["model"]["uri"] = absolute_uri(
+        svc.spec.model.base_model.uri, opts.pvc_root.absolute()
+    )
+    dep = app["deployments"][0]
+    actor = dep["ray_actor_options"]
+    wanted = float(actor.get("num_gpus") or 0)
+    if wanted > gpus:
+        actor["num_gpus"] = 0
+        if app["args"]["engine"] == Engine.VLLM.value:
+            app["args"]["engine"] = Engine.TRANSFORMERS.value
+        notes.append(
+            f"replicas ask for {wanted:g} GPU(s) and this machine has {gpus:g}: serving on "
+            "CPU with the transformers engine"
+        )
+    if "memory" in actor:
+        del actor["memory"]
+        notes.append("resources.memory ignored locally (Ray would wait for that much)")
+    return cfg, notes
+
+
+def _with_name(svc: ServiceFile) -> Any:
+    from graft.api.modelservice import ModelService
+
+    return ModelService.model_validate({"metadata": {"name": svc.name}, "spec": svc.body["spec"]})
+
+
+@contextmanager
+def local_service(svc: ServiceFile, opts: ServeOptions | None = None) -> Iterator[LocalService]:
+    """Start Ray and Serve here, deploy ``svc``, wait until it runs; shut down on exit."""
+    import ray
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    opts = opts or ServeOptions()
+    adapters = resolve_adapters(svc, opts)
+    env = {
+        "GRAFT_PVC_ROOT": str(opts.pvc_root.absolute()),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.update(env)
+    cpus = max(os.cpu_count() or 1, math.ceil(replica_cpus(_with_name(svc))))
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        log_to_driver=opts.verbose,
+        logging_level=logging.INFO if opts.verbose else logging.WARNING,
+        runtime_env={"env_vars": env},
+    )
+    try:
+        gpus = float(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
+        cfg, notes = local_config(svc, adapters, opts, gpus=gpus)
+        client = serve_start(http_options={"host": opts.host, "port": opts.port})
+        client.deploy_apps(ServeDeploySchema.model_validate(cfg))
+        _wait_running(opts.deploy_timeout)
+        host = "127.0.0.1" if opts.host in ("0.0.0.0", "") else opts.host
+        yield LocalService(
+            endpoint=f"http://{host}:{opts.port}/v1",
+            model=served_name(_with_name(svc)),
+            adapters=[a.name for a in adapters],
+            config=cfg,
+            notes=notes,
+        )
+    finally:
+        try:
+            serve.shutdown()  # type: ignore[no-untyped-call]
+        finally:
+            ray.shutdown()
+
+
+class DeployError(Exception):
+    """The Serve application did not come up; the message is Serve's."""
+
+
+def _wait_running(timeout: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        status = app.status if app else None
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            msg = app.message if app else ""
+            dep = app.deployments.get(DEPLOYMENT_NAME) if app else None
+            if dep is not None and dep.message:
+                msg = f"{msg}\n{dep.message}"
+            raise DeployError(msg or "deploy failed")
+        time.sleep(0.5)
+    raise DeployError(f"the application was not RUNNING after {timeout:.0f}s (last: {status})")
+
+
+def ask(endpoint: str, model: str, question: str, *, max_tokens: int = 48) -> str:
+    """One chat question through the OpenAI API (the official client), greedy."""
+    import openai
+
+    client = openai.OpenAI(base_url=endpoint, api_key="unused", max_retries=2, timeout=300)
+    resp = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+    return resp.choices[0].message.content or ""
