@@ -88,8 +88,10 @@ class Jobs:
             pods = [p for p in pods if p.metadata.deletion_timestamp is None]
         return sorted(pods, key=lambda p: int(p.metadata.labels["graft.dev/rank"]))
 
-    def wait_scheduled(self, name: str, attempt: int, count: int, timeout: float = 30) -> list[Any]:
+    def wait_scheduled(self, name: str, attempt: int, count: int, timeout: float = 60) -> list[Any]:
         def probe() -> list[Any] | None:
+            # the old attempt's trainers exit on SIGTERM; a kubelet then confirms deletion
+            self.kubelet.confirm_deletions(self.ns)
             pods = self.pods(name, attempt)
             ok = len(pods) == count and all(p.spec.node_name for p in pods)
             return pods if ok else None

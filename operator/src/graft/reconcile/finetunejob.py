@@ -271,8 +271,8 @@ def decide(world: World, settings: Settings) -> Plan:
     if is_(T.SUSPENDED):
         cond(T.SUSPENDED, False, Reason.RESUMED, "resumed")
         if st.attempt > 0:
-            start_attempt("resumed after suspend")
-            return finish()
+            # like a restart without the count: the next attempt starts once the old is gone
+            st.restart_at = now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
     # 5. A new attempt: the first, or after the restart backoff.
     if st.attempt == 0:
@@ -283,7 +283,17 @@ def decide(world: World, settings: Settings) -> Plan:
         if now < due:
             plan.requeue_after = (due - now).total_seconds()
             return finish()
-        start_attempt(f"restart {st.restarts}")
+        # Rank 0's DNS name and the GPUs move to the new attempt only once the old Pods
+        # are gone (their trainers checkpoint on SIGTERM within the grace period); a Pod
+        # that outlives the grace period by far is on a node nobody hears from: force it.
+        leftovers = [p for p in world.pods if (_attempt_of(p) or 0) <= st.attempt]
+        if leftovers:
+            overdue = (now - due).total_seconds() > settings.termination_grace_seconds + 30
+            if overdue:
+                plan.delete_pods += [(str(p["metadata"]["name"]), 0) for p in leftovers]
+            plan.requeue_after = 1.0
+            return finish()
+        start_attempt(f"restart {st.restarts}" if is_(T.RESTARTING) else "resumed after suspend")
         return finish()
 
     # 6. Observe the running attempt.

@@ -254,6 +254,23 @@ class FakeKubelet:
             },
         )
 
+    def confirm_deletions(self, namespace: str) -> int:
+        """Finish graceful deletions, as a kubelet does once the containers have exited."""
+        done = 0
+        for pod in self.core.list_namespaced_pod(namespace).items:
+            assert pod.metadata is not None and pod.metadata.name is not None
+            if pod.metadata.deletion_timestamp is None:
+                continue
+            try:
+                self.core.delete_namespaced_pod(
+                    pod.metadata.name, namespace, grace_period_seconds=0
+                )
+                done += 1
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+        return done
+
     def force_delete_pods(self, namespace: str) -> None:
         """Delete every pod at once: no kubelet is here to confirm a graceful deletion."""
         for pod in self.core.list_namespaced_pod(namespace).items:
