@@ -74,7 +74,9 @@ def choose_pool(spec: ModelServiceSpec, pools: list[NodePool]) -> NodePool | Non
     gpus = spec.resources.gpus_per_replica
     if gpus == 0 and spec.resources.node_pool is None:
         return None
-    placement = place(Resources(node_pool=spec.resources.node_pool, gpus=gpus), pools)
+    # a replica lives on one node: its GPUs must all fit on one node of the pool
+    wanted = Resources(node_pool=spec.resources.node_pool, nodes=1, gpus_per_node=gpus)
+    placement = place(wanted, pools)
     return next(p for p in pools if p.name == placement.node_pool)
 
 

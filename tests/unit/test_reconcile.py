@@ -1,0 +1,250 @@
+"""The reconcilers' pure cores: world in, plan out, no cluster."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+
+from graft.config import load_settings
+from graft.reconcile import finetunejob as ftj
+from graft.reconcile import modelservice as ms
+from graft.testing.cluster import TEST_NODE_POOLS
+
+NOW = dt.datetime(2026, 11, 25, 21, 0, 0, tzinfo=dt.UTC)
+SETTINGS = load_settings({"GRAFT_NODE_POOLS": json.dumps(TEST_NODE_POOLS)})
+
+
+def job(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "baseModel": {"uri": "pvc://models/llama"},
+        "stages": [{"type": "SFT", "dataset": {"uri": "pvc://data/x.jsonl", "format": "alpaca"}}],
+        "output": {"uri": "pvc://models/out"},
+        "resources": {"nodes": 2, "gpusPerNode": 8},
+        "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 10},
+    }
+    s.update(spec)
+    return {
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "j", "namespace": "ns", "generation": 1, "uid": "u"},
+        "spec": s,
+        "status": status or {},
+    }
+
+
+def node(name: str, ready: bool = True) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True" if ready else "Unknown",
+                    "lastTransitionTime": "2026-11-25T20:59:58Z",
+                }
+            ]
+        },
+    }
+
+
+def pod(
+    attempt: int, rank: int, node_name: str, phase: str = "Running", **status: Any
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"j-a{attempt}-r{rank}",
+            "creationTimestamp": "2026-11-25T20:00:00Z",
+            "labels": {
+                "graft.dev/job": "j",
+                "graft.dev/attempt": str(attempt),
+                "graft.dev/rank": str(rank),
+            },
+        },
+        "spec": {"nodeName": node_name},
+        "status": {"phase": phase, "startTime": "2026-11-25T20:00:00Z", **status},
+    }
+
+
+def run(
+    body: dict[str, Any], pods: list[dict[str, Any]], nodes: dict[str, Any], now: dt.datetime = NOW
+) -> ftj.Plan:
+    return ftj.decide(ftj.World(job=body, pods=pods, nodes=nodes, now=now), SETTINGS)
+
+
+def cond(plan: ftj.Plan | ms.Plan, type_: str) -> Any:
+    return next(c for c in plan.status.conditions if c.type == type_)
+
+
+def started() -> dict[str, Any]:
+    """Status of a job whose first attempt was created."""
+    plan = run(job(), [], {})
+    return plan.status.wire()
+
+
+def test_first_pass_places_and_creates_the_gang() -> None:
+    plan = run(job(), [], {})
+    assert plan.status.placement is not None and plan.status.placement.node_pool == "a100-80g"
+    assert plan.status.attempt == 1
+    assert [p["metadata"]["name"] for p in plan.create_pods] == ["j-a1-r0", "j-a1-r1"]
+    assert [o["kind"] for o in plan.apply] == ["ConfigMap", "Service"]
+    assert plan.status.phase is not None and plan.status.phase.value == "Pending"
+
+
+def test_second_pass_with_running_gang_is_running_and_creates_nothing() -> None:
+    nodes = {"n0": node("n0"), "n1": node("n1")}
+    plan = run(job(started()), [pod(1, 0, "n0"), pod(1, 1, "n1")], nodes)
+    assert plan.create_pods == [] and plan.delete_pods == []
+    assert cond(plan, "Running").status == "True"
+    assert plan.status.gpu_hours == pytest.approx(2 * 8 * 1.0)  # both ranks for an hour
+
+
+def test_node_lost_restarts_after_backoff_avoiding_the_node() -> None:
+    nodes = {"n0": node("n0"), "n1": node("n1", ready=False)}
+    plan = run(job(started()), [pod(1, 0, "n0"), pod(1, 1, "n1")], nodes)
+    assert plan.status.restarts == 1 and plan.status.attempt == 1
+    assert plan.status.restart_at == "2026-11-25T21:00:10Z"
+    assert plan.status.avoid_nodes == ["n1"]
+    assert sorted(plan.delete_pods) == [("j-a1-r0", None), ("j-a1-r1", 0)]
+    assert cond(plan, "Restarting").reason == "NodeLost"
+    assert plan.status.phase is not None and plan.status.phase.value == "Restarting"
+    # after the backoff, once the old pods are gone: attempt 2, told to avoid n1
+    later = run(job(plan.status.wire()), [], nodes, NOW + dt.timedelta(seconds=11))
+    assert later.status.attempt == 2
+    affinity = json.dumps(later.create_pods[0]["spec"].get("affinity", {}))
+    assert "n1" in affinity
+
+
+def test_new_attempt_waits_for_old_pods() -> None:
+    nodes = {"n0": node("n0"), "n1": node("n1", ready=False)}
+    plan = run(job(started()), [pod(1, 0, "n0"), pod(1, 1, "n1")], nodes)
+    waiting = run(job(plan.status.wire()), [pod(1, 0, "n0")], nodes, NOW + dt.timedelta(seconds=11))
+    assert waiting.status.attempt == 1 and waiting.create_pods == []
+    assert waiting.requeue_after == 1.0
+
+
+def test_user_error_fails_without_restart() -> None:
+    term = {
+        "exitCode": 10,
+        "message": json.dumps(
+            {"reason": "MalformedDataset", "retryable": False, "message": "line 7: bad JSON"}
+        ),
+    }
+    failed = pod(
+        1, 0, "n0", "Failed", containerStatuses=[{"name": "trainer", "state": {"terminated": term}}]
+    )
+    plan = run(job(started()), [failed, pod(1, 1, "n1")], {"n0": node("n0"), "n1": node("n1")})
+    c = cond(plan, "Failed")
+    assert c.status == "True" and "line 7" in c.message
+    assert plan.status.restarts == 0 and plan.create_pods == []
+    assert ("j-a1-r1", None) in plan.delete_pods
+
+
+def test_max_restarts_exceeded() -> None:
+    st = started()
+    st["restarts"] = 2
+    plan = run(
+        job(st),
+        [pod(1, 0, "n0", "Failed", reason="Evicted"), pod(1, 1, "n1")],
+        {"n0": node("n0"), "n1": node("n1")},
+    )
+    assert cond(plan, "Failed").reason == "MaxRestartsExceeded"
+
+
+def test_spec_change_is_refused_and_recorded_spec_used() -> None:
+    st = started()
+    changed = job(st, hyperparameters={"learningRate": 0.1})
+    first = run(changed, [], {})
+    assert first.needs_recorded_spec
+    world = ftj.World(job=changed, pods=[], nodes={}, now=NOW, recorded_spec=job()["spec"])
+    plan = ftj.decide(world, SETTINGS)
+    assert cond(plan, "Accepted").reason == "SpecChangeRefused"
+
+
+def test_unschedulable() -> None:
+    plan = run(job(resources={"gpus": 64}), [], {})
+    c = cond(plan, "Admitted")
+    assert c.status == "False" and c.reason == "Unschedulable"
+    assert plan.create_pods == []
+
+
+def test_progress_annotation_rolls_up() -> None:
+    p0 = pod(1, 0, "n0")
+    p0["metadata"]["annotations"] = {
+        "graft.dev/progress": json.dumps(
+            {"step": 5, "totalSteps": 10, "loss": 2.5, "lastCheckpoint": {"step": 4, "uri": "x"}}
+        )
+    }
+    plan = run(job(started()), [p0, pod(1, 1, "n1")], {"n0": node("n0"), "n1": node("n1")})
+    assert plan.status.progress_summary == "5/10"
+    assert plan.status.last_checkpoint is not None and plan.status.last_checkpoint.step == 4
+
+
+def test_status_patch_deletes_cleared_fields() -> None:
+    old = {"restartAt": "t", "graft": {"x": 1}, "attempt": 1}
+    new = ftj.FineTuneJobStatus(attempt=1)
+    patch = ftj.status_patch(old, new)
+    assert patch["restartAt"] is None and "graft" not in patch and "attempt" not in patch
+
+
+# ModelService ---------------------------------------------------------------------------
+
+
+def svc(adapters: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "model": {"baseModel": {"uri": "pvc://models/llama"}, "adapters": adapters}
+    }
+    s.update(spec)
+    return {
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "ModelService",
+        "metadata": {"name": "s", "namespace": "ns", "generation": 1, "uid": "u"},
+        "spec": s,
+    }
+
+
+def finished(uri: str, phase: str = "Succeeded", kind: str = "adapter") -> dict[str, Any]:
+    return {"status": {"phase": phase, "output": {"uri": uri, "kind": kind}}}
+
+
+def test_service_waits_then_adds_adapter_without_touching_the_cluster() -> None:
+    body = svc([{"name": "a", "fromFineTuneJob": "j"}])
+    first = ms.decide(body, {"j": {"status": {"phase": "Running"}}}, None, SETTINGS, NOW)
+    assert cond(first, "AdaptersReady").reason == "WaitingForFineTuneJob"
+    assert first.rayservice is not None
+    live = first.rayservice
+    second = ms.decide(body, {"j": finished("pvc://models/a")}, live, SETTINGS, NOW)
+    assert second.rayservice is not None
+    assert second.rayservice["spec"]["rayClusterConfig"] == live["spec"]["rayClusterConfig"]
+    assert "pvc://models/a" in second.rayservice["spec"]["serveConfigV2"]
+    assert any(e[1] == "ServeConfigUpdated" for e in second.events)
+    # nothing to write when the live object already matches
+    third = ms.decide(body, {"j": finished("pvc://models/a")}, second.rayservice, SETTINGS, NOW)
+    assert third.rayservice is None
+
+
+@pytest.mark.parametrize(
+    ("job_obj", "words"),
+    [
+        (None, "not found"),
+        (finished("x", "Failed"), "failed"),
+        (finished("pvc://m/full", kind="model"), "full model"),
+    ],
+)
+def test_service_adapter_errors(job_obj: dict[str, Any] | None, words: str) -> None:
+    plan = ms.decide(
+        svc([{"name": "a", "fromFineTuneJob": "j"}]), {"j": job_obj}, None, SETTINGS, NOW
+    )
+    c = cond(plan, "AdaptersReady")
+    assert c.reason == "AdapterUnavailable" and words in c.message
+
+
+def test_service_unschedulable_and_invalid() -> None:
+    plan = ms.decide(svc([], resources={"gpusPerReplica": 16}), {}, None, SETTINGS, NOW)
+    assert cond(plan, "Ready").reason == "Unschedulable" and plan.rayservice is None
+    bad = svc([], autoscaling={"minReplicas": 3, "maxReplicas": 1})
+    plan = ms.decide(bad, {}, None, SETTINGS, NOW)
+    assert cond(plan, "Accepted").reason == "InvalidSpec"
+    assert "minReplicas" in cond(plan, "Accepted").message
