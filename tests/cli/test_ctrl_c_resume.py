@@ -35,7 +35,7 @@ def test_ctrl_c_then_run_again_resumes(tiny: dict[str, Path], tmp_path: Path) ->
             "method": "lora",
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "hyperparameters": {
-                "maxSteps": 400,
+                "maxSteps": 120,
                 "globalBatchSize": 4,
                 "microBatchSize": 4,
                 "maxSeqLength": 48,
@@ -71,7 +71,7 @@ def test_ctrl_c_then_run_again_resumes(tiny: dict[str, Path], tmp_path: Path) ->
     text = " ".join(first_out.split())
     assert proc.returncode == 20, first_out
     stopped_at = newest_checkpoint(ckpt_dir)
-    assert stopped_at is not None and 0 < stopped_at < 400
+    assert stopped_at is not None and 0 < stopped_at < 120
     assert (ckpt_dir / f"ckpt-s00-{stopped_at:08d}" / "manifest.json").exists()
     assert "Stopping" in text
     assert f"checkpoint at step {stopped_at}" in text

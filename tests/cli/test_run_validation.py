@@ -152,3 +152,17 @@ def test_cli_does_not_import_torch_or_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert "IMPORTED []" in out.stdout, out.stdout + out.stderr
+
+
+def test_examples_local_are_what_the_demo_runs() -> None:
+    from graft.demo import FINETUNEJOB_YAML, MODELSERVICE_YAML
+    from graft.local.spec import load_job, load_service
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "local"
+    assert (root / "finetunejob-local.yaml").read_text() == FINETUNEJOB_YAML
+    assert (root / "modelservice-local.yaml").read_text() == MODELSERVICE_YAML
+    job = load_job(root / "finetunejob-local.yaml")
+    assert [s.type.value for s in job.spec.stages] == ["ContinuedPretraining", "SFT"]
+    assert job.spec.method.value == "lora"
+    svc = load_service(root / "modelservice-local.yaml")
+    assert svc.spec.model.adapters[0].from_fine_tune_job == job.name
