@@ -52,15 +52,15 @@ spec:
         format: text
       hyperparameters:
         maxSteps: 30
-        learningRate: 0.003
+        learningRate: 0.01
     - name: sft
       type: SFT
       dataset:
         uri: pvc://{CLAIM}/datasets/instructions.jsonl
         format: alpaca
       hyperparameters:
-        maxSteps: 40
-        learningRate: 0.003
+        maxSteps: 60
+        learningRate: 0.01
   data:
     exactDedup: true
     nearDedup:
@@ -69,10 +69,10 @@ spec:
     evalFraction: 0.05
   method: lora
   lora:
-    r: 8
-    alpha: 16
+    r: 16
+    alpha: 32
     dropout: 0.0
-    targetModules: [q_proj, k_proj, v_proj, o_proj]
+    targetModules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
   hyperparameters:
     globalBatchSize: 8
     microBatchSize: 4
@@ -224,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     console.print(
-        "This base model is a random 150k-parameter LLaMA trained for 70 steps on generated "
-        "text, so expect domain words in roughly the right places rather than a sensible "
-        "answer; the base model alone has learned nothing. Same flow, real model: point "
+        "Honestly: the base model is a random 150k-parameter LLaMA and the adapter saw 90 "
+        "steps of generated text, so expect the shape of a maintenance answer with domain "
+        "words, often wrong or repeated, not a correct one; the base model alone has learned "
+        "nothing and answers gibberish. Same flow, real model: point "
         "baseModel at LLaMA-class weights and run it on a cluster (README, Install)."
     )
     total = time.monotonic() - t0

@@ -148,6 +148,9 @@ def local_service(svc: ServiceFile, opts: ServeOptions | None = None) -> Iterato
         "TOKENIZERS_PARALLELISM": "false",
     }
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not opts.verbose:
+        for name in ("ray", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.update(env)
     cpus = max(os.cpu_count() or 1, math.ceil(replica_cpus(_with_name(svc))))
     ray.init(
@@ -155,7 +158,7 @@ def local_service(svc: ServiceFile, opts: ServeOptions | None = None) -> Iterato
         num_cpus=cpus,
         include_dashboard=False,
         log_to_driver=opts.verbose,
-        logging_level=logging.INFO if opts.verbose else logging.WARNING,
+        logging_level=logging.INFO if opts.verbose else logging.ERROR,
         runtime_env={"env_vars": env},
     )
     try:
