@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import graft_cmd, graft_env, job_yaml, run_graft
+from clikit import graft_cmd, graft_env, job_yaml, run_graft
 
 
 def newest_checkpoint(ckpt_dir: Path) -> int | None:

@@ -79,7 +79,7 @@ def test_plan_two_nodes_of_eight_a100(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_plan_lora_counts_local_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from conftest import job_yaml
+    from clikit import job_yaml
 
     data = tmp_path / "alpaca.jsonl"
     rec = {"instruction": "a" * 40, "input": "", "output": "b" * 40}  # 80 chars = 20 tokens

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import job_yaml
+from clikit import job_yaml
 
 from graft.api.finetunejob import FineTuneJobSpec
 from graft.cli import main

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, run_graft
+from clikit import free_port, run_graft
 
 from graft.local import state as st
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -35,50 +33,6 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "alpaca": write_jsonl(root / "data" / "alpaca.jsonl", instruction_records(160, seed=12)),
         "chat": write_jsonl(root / "data" / "chat.jsonl", chat_records(120, seed=13)),
     }
-
-
-def make_job(
-    assets: dict[str, Path],
-    out: Path,
-    *,
-    stages: list[tuple[str, str, str]] | None = None,
-    method: str = "lora",
-    max_steps: int = 12,
-    every: int | str = 4,
-    keep: int = 3,
-    lr: float = 3e-3,
-    seq: int = 96,
-    gbs: int = 8,
-    mbs: int = 4,
-    dropout: float = 0.0,
-    **extra: Any,
-) -> dict[str, Any]:
-    """A job config as the operator mounts it; stages are (type, asset key, format)."""
-    stages = stages or [("SFT", "alpaca", "alpaca")]
-    spec: dict[str, Any] = {
-        "baseModel": {"uri": f"file://{assets['base']}"},
-        "stages": [
-            {"type": t, "dataset": {"uri": f"file://{assets[k]}", "format": f}}
-            for t, k, f in stages
-        ],
-        "method": method,
-        "lora": {"r": 8, "alpha": 16, "dropout": dropout},
-        "hyperparameters": {
-            "maxSteps": max_steps,
-            "learningRate": lr,
-            "globalBatchSize": gbs,
-            "microBatchSize": mbs,
-            "maxSeqLength": seq,
-            "precision": "fp32",
-            "warmupSteps": 2,
-            "seed": 7,
-        },
-        "checkpoint": {"uri": f"file://{out}/ckpt", "every": every, "keep": keep},
-        "output": {"uri": f"file://{out}/output"},
-    }
-    for k, v in extra.items():
-        spec[k] = copy.deepcopy(v)
-    return {"name": "t", "namespace": "default", "attempt": 1, "spec": spec}
 
 
 @pytest.fixture

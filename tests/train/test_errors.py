@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_job
+from trainkit import make_job
 
 from graft.runtime.train import EXIT_USER_ERROR, UserError, launch_local, run_training
 

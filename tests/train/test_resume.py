@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_job
 from safetensors.torch import load_file
+from trainkit import make_job
 
 from graft.runtime.train import EXIT_RETRYABLE, launch_local, run_training
 from graft.runtime.train.launch import _children

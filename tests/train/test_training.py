@@ -7,7 +7,7 @@ from statistics import mean
 
 import pytest
 import torch
-from conftest import make_job
+from trainkit import make_job
 
 from graft.runtime.train import run_training
 
