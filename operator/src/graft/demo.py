@@ -114,8 +114,8 @@ spec:
 """
 
 #: The trainer's built-in SFT layout (docs/trainer.md) as the tokenizer's chat template, so
-#: that serving renders chat prompts exactly as the adapter was trained (the server's own
-#: fallback for template-less tokenizers is ChatML).
+#: that serving renders chat prompts exactly as the adapter was trained (the server's
+#: fallback for template-less tokenizers, graft.prompts, is the same layout).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}### {{ m['role'] | capitalize }}:\n"
     "{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n\n"

@@ -1,16 +1,14 @@
 """Chat messages to a prompt: the tokenizer's own chat template, or a documented fallback.
 
-The fallback is ChatML (``<|im_start|>role\\ncontent<|im_end|>``), a format many
-instruction-tuned models know; generation stops at ``<|im_end|>``. A model without a
-template has seen no chat format, so any choice is a convention; this one is documented
-in docs/serving.md so that fine-tuning data can be formatted the same way.
+The fallback is the layout the trainer uses for template-less tokenizers
+(``graft.prompts``), so an adapter is served with exactly the prompts it was tuned on.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-FALLBACK_TURN_END = "<|im_end|>"
+from graft.prompts import STOP, generation_prompt
 
 
 def message_text(content: Any) -> str:
@@ -34,5 +32,5 @@ def render_chat(
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return str(prompt), True, ()
-    turns = [f"<|im_start|>{m['role']}\n{m['content']}{FALLBACK_TURN_END}\n" for m in messages]
-    return "".join(turns) + "<|im_start|>assistant\n", False, (FALLBACK_TURN_END,)
+    prompt = generation_prompt((m["role"], m["content"]) for m in messages)
+    return prompt, False, STOP

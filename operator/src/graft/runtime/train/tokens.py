@@ -19,11 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from graft.prompts import TURN_END, role_header
 
-#: Used when the tokenizer has no chat template; documented in docs/trainer.md so that
-#: serving renders prompts the same way.
-ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+IGNORE_INDEX = -100
 
 
 def render_chat(
@@ -54,7 +52,7 @@ def render_chat(
     spans = []
     pos = len(parts[0])
     for role, content in messages:
-        header = ROLE_HEADERS[role]
+        header = role_header(role)
         parts.append(header)
         pos += len(header)
         body = content + (eos if role == "assistant" else "")
@@ -62,8 +60,8 @@ def render_chat(
             spans.append((pos, pos + len(body)))
         parts.append(body)
         pos += len(body)
-        parts.append("\n\n")
-        pos += 2
+        parts.append(TURN_END)
+        pos += len(TURN_END)
     return "".join(parts), spans
 
 
