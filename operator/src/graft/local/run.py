@@ -16,7 +16,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -133,41 +132,6 @@ class _TrainerLog:
     def join(self, timeout: float = 5.0) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
-
-
-class _SubprocessInNewSession:
-    """``launch_local``'s view of the subprocess module, starting the trainer in a session
-    of its own.
-
-    A terminal's Ctrl-C goes to every process of the foreground process group. A trainer
-    in our group would take SIGINT as KeyboardInterrupt (and under torchrun the launcher
-    would forward SIGINT to the workers): it would die without its final checkpoint.
-    In its own session it only gets the SIGTERM we send, which it handles like a pod's
-    preemption. launch_local has no parameter for this, hence this scoped substitute.
-    """
-
-    PIPE = subprocess.PIPE
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(subprocess, name)
-
-    @staticmethod
-    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-        kwargs.setdefault("start_new_session", True)
-        return subprocess.Popen(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _trainer_in_new_session() -> Iterator[None]:
-    from graft.runtime.train import launch
-
-    module = vars(launch)
-    saved = module["subprocess"]
-    module["subprocess"] = _SubprocessInNewSession()
-    try:
-        yield
-    finally:
-        module["subprocess"] = saved
 
 
 def _tree(pid: int) -> list[int]:
@@ -418,7 +382,7 @@ def run_job(
 
     interrupts.install()
     try:
-        with display.progress, _trainer_in_new_session():
+        with display.progress:
             run = launch_local(
                 config,
                 nproc=nproc,
@@ -428,6 +392,9 @@ def run_job(
                 env=env,
                 stderr=subprocess.PIPE,
                 popen_hook=hook,
+                # Ctrl-C must reach only us: a trainer in our process group would take
+                # SIGINT as KeyboardInterrupt and die without its final checkpoint
+                new_session=True,
             )
     finally:
         interrupts.restore()

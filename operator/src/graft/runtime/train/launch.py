@@ -235,11 +235,14 @@ def launch_local(
     env: Mapping[str, str] | None = None,
     stderr: IO[str] | int | None = None,
     popen_hook: Callable[[subprocess.Popen[str]], None] | None = None,
+    new_session: bool = False,
 ) -> LocalRun:
     """Run the job as a child ``python -m graft.runtime.train`` (torchrun when nproc > 1).
 
     For ``graft run``: the progress lines the trainer prints are parsed and handed to
-    ``on_progress``; logs go to ``stderr`` (default: inherited).
+    ``on_progress``; logs go to ``stderr`` (default: inherited). ``new_session`` keeps the
+    trainer out of the terminal's process group, so a Ctrl-C reaches only the caller, which
+    then sends SIGTERM (and the trainer checkpoints, as on a pod's preemption).
     """
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -265,6 +268,7 @@ def launch_local(
         stderr=stderr,
         env=child_env,
         text=True,
+        start_new_session=new_session,
     )
     if popen_hook is not None:
         popen_hook(proc)
