@@ -6,6 +6,11 @@ A module of its own, not conftest.py, so that tests import it by a unique name.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +20,8 @@ import yaml
 from kubernetes import client
 
 from graft.testing.cluster import A100_LABELS
+from graft.testing.controlplane import free_port
+from graft.testing.process_kubelet import kill_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -59,20 +66,26 @@ POD_EXTRA_ENV = {
 
 
 class FakeKubeRayOperator:
-    """A fake of KubeRay's Go operator for one RayService: instead of starting a Ray cluster
-    in pods it applies the RayService's ``serveConfigV2`` to a local Ray Serve (the call
-    KubeRay makes to the head's dashboard) and writes the RayService status KubeRay would
-    write from what Serve reports.
+    """A fake of KubeRay's Go operator: for a RayService it brings up a local "Ray cluster"
+    (``ray_serve_host.py``, one process) that applies the RayService's ``serveConfigV2`` as
+    KubeRay's call to the head's dashboard would, and writes the RayService status KubeRay
+    would write from what Serve reports.
 
-    Paths: ``pvc://`` URIs in the config resolve under ``GRAFT_PVC_ROOT`` of the local Ray
-    processes (the claims' local directories); each "GPU" is a CPU here, so ``num_gpus``
-    becomes 0, as for training.
+    Paths: ``pvc://`` URIs in the config resolve under ``GRAFT_PVC_ROOT`` of the Ray
+    processes (the claims' local directories, as the Ray pods mount them at /mnt/pvc); each
+    "GPU" is a CPU here, so ``num_gpus`` becomes 0, as for training.
     """
 
-    def __init__(self, k8s: client.ApiClient, ns: str, serve: LocalServe) -> None:
+    def __init__(self, k8s: client.ApiClient, ns: str, workdir: Path, pvc_root: Path) -> None:
         self.custom = client.CustomObjectsApi(k8s)
         self.ns = ns
-        self.serve = serve
+        self.workdir = workdir
+        self.pvc_root = pvc_root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.status_path = workdir / "serve-status.json"
+        self.log_path = workdir / "ray-serve-host.log"
 
     def get(self, name: str) -> dict[str, Any]:
         obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
@@ -80,7 +93,42 @@ class FakeKubeRayOperator:
         )
         return obj
 
-    def reconcile(self, name: str) -> dict[str, Any]:
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+    def serve_status(self) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return out
+
+    def _start(self, config: dict[str, Any]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "serveConfigV2.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        env = {
+            **os.environ,
+            "GRAFT_PVC_ROOT": str(self.pvc_root),
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("ray_serve_host.py")),
+                str(config_path),
+                str(self.port),
+                str(self.status_path),
+            ],
+            env=env,
+            stdout=open(self.log_path, "wb"),  # noqa: SIM115 - lives as long as the process
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def reconcile(self, name: str, timeout: float = 240) -> dict[str, Any]:
+        """Bring the RayService's Serve config up and write its status; returns the status."""
         rs = self.get(name)
         config = yaml.safe_load(rs["spec"]["serveConfigV2"])
         for app in config["applications"]:
@@ -88,23 +136,41 @@ class FakeKubeRayOperator:
                 opts = dep.get("ray_actor_options") or {}
                 if opts.get("num_gpus"):
                     opts["num_gpus"] = 0
-        self.serve.deploy(config)
-        from ray import serve
+        self._start(config)
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        apps: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the Ray serve host exited {self.proc.returncode}:\n{self.log()}"
+                )
+            apps = self.serve_status().get("applications") or {}
+            if any(a["status"] == "DEPLOY_FAILED" for a in apps.values()):
+                raise AssertionError(f"serve deploy failed: {apps}")
+            if apps and all(a["status"] == "RUNNING" for a in apps.values()):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"serve apps not RUNNING after {timeout}s: {apps}\n{self.log()}")
+        return self.write_status(rs, apps)
 
-        apps = serve.status().applications
+    def write_status(self, rs: dict[str, Any], apps: dict[str, Any]) -> dict[str, Any]:
+        name = rs["metadata"]["name"]
+        generation = rs["metadata"].get("generation", 1)
         workers = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
         desired = sum(int(w.get("replicas") or 0) for w in workers)
         running = sum(
-            int(d.replica_states.get("RUNNING", 0))
+            int(d["replicaStates"].get("RUNNING", 0))
             for a in apps.values()
-            for d in a.deployments.values()
+            for d in a["deployments"].values()
         )
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         cluster_name = f"{name}-{uuid.uuid4().hex[:5]}"
         status = {
             "serviceStatus": "Running",
             "numServeEndpoints": 1,
-            "observedGeneration": rs["metadata"].get("generation", 1),
+            "observedGeneration": generation,
             "lastUpdateTime": now,
             "conditions": [
                 {
@@ -113,7 +179,7 @@ class FakeKubeRayOperator:
                     "reason": "NonZeroServeEndpoints",
                     "message": "Number of serve endpoints is greater than 0",
                     "lastTransitionTime": now,
-                    "observedGeneration": rs["metadata"].get("generation", 1),
+                    "observedGeneration": generation,
                 },
                 {
                     "type": "UpgradeInProgress",
@@ -121,18 +187,18 @@ class FakeKubeRayOperator:
                     "reason": "NoPendingCluster",
                     "message": "Active Ray cluster exists and no pending Ray cluster",
                     "lastTransitionTime": now,
-                    "observedGeneration": rs["metadata"].get("generation", 1),
+                    "observedGeneration": generation,
                 },
             ],
             "activeServiceStatus": {
                 "rayClusterName": cluster_name,
                 "applicationStatuses": {
                     app_name: {
-                        "status": str(a.status),
-                        "message": a.message or "",
+                        "status": a["status"],
+                        "message": a["message"],
                         "serveDeploymentStatuses": {
-                            dep_name: {"status": str(d.status), "message": d.message or ""}
-                            for dep_name, d in a.deployments.items()
+                            dep_name: {"status": d["status"], "message": d["message"]}
+                            for dep_name, d in a["deployments"].items()
                         },
                     }
                     for app_name, a in apps.items()
@@ -154,30 +220,13 @@ class FakeKubeRayOperator:
         )
         return status
 
-
-class LocalServe:
-    """A real local Ray Serve; ``deploy`` applies a serve config as KubeRay's call would."""
-
-    def __init__(self, port: int, client_: Any) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = client_
-
-    def deploy(self, config: dict[str, Any], timeout: float = 180) -> None:
-        from ray import serve
-        from ray.serve.schema import ServeDeploySchema
-
-        cfg = dict(config)
-        cfg["http_options"] = {"host": "127.0.0.1", "port": self.port}
-        self.client.deploy_apps(ServeDeploySchema.model_validate(cfg))
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            apps = serve.status().applications
-            last = {n: (str(a.status), a.message) for n, a in apps.items()}
-            if apps and all(str(a.status) == "RUNNING" for a in apps.values()):
-                return
-            if any(str(a.status) == "DEPLOY_FAILED" for a in apps.values()):
-                raise AssertionError(f"serve deploy failed: {last}")
-            time.sleep(0.5)
-        raise AssertionError(f"serve apps not RUNNING after {timeout}s: {last}")
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        # Ray's own processes (raylet, GCS, workers) go with the "cluster"
+        kill_tree(self.proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e_support import E2E_POOL, SHARED, FakeKubeRayOperator, LocalServe
+from e2e_support import E2E_POOL, SHARED, FakeKubeRayOperator
 from kubernetes import client
 
 from graft.testing.cluster import A100_LABELS, A100_TAINT, FakeKubelet, wait_for
@@ -425,42 +425,17 @@ def _modelservice_controller_missing() -> str | None:
     return None
 
 
-@pytest.fixture
-def local_serve(process_kubelet: ProcessKubelet) -> Iterator[LocalServe]:
-    import os
-
-    import ray
-    from ray import serve
-    from ray.serve._private.api import serve_start
-
-    from graft.testing.controlplane import free_port
-
-    ns = SCENARIO["namespace"]
-    # The Ray processes inherit this: pvc:// URIs resolve to the claims' local directories.
-    os.environ["GRAFT_PVC_ROOT"] = str(process_kubelet.pvc_root(ns))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve_client = serve_start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield LocalServe(port, serve_client)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.pop("GRAFT_PVC_ROOT", None)
-
-
 def test_modelservice_serves_the_adapter(
     k8s: client.ApiClient,
     operator: OperatorProcess,
     process_kubelet: ProcessKubelet,
-    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     why = _modelservice_controller_missing()
     if why:
         pytest.skip(why)
     if "job" not in SCENARIO:
         pytest.skip("the fine-tuning half did not succeed; nothing to serve")
-    serve_ = request.getfixturevalue("local_serve")
     ns = SCENARIO["namespace"]
     cluster = Cluster(k8s, ns)
     timer = Timer()
@@ -503,7 +478,17 @@ def test_modelservice_serves_the_adapter(
         raise AssertionError(f"{e}\nModelService: {msvc}\n{operator.log()[-3000:]}") from None
     timer.mark("RayService rendered")
 
-    kuberay = FakeKubeRayOperator(k8s, ns, serve_)
+    kuberay = FakeKubeRayOperator(k8s, ns, tmp_path / "ray", process_kubelet.pvc_root(ns))
+    try:
+        _serve_and_ask(cluster, kuberay, operator, timer)
+    finally:
+        kuberay.stop()
+
+
+def _serve_and_ask(
+    cluster: Cluster, kuberay: FakeKubeRayOperator, operator: OperatorProcess, timer: Timer
+) -> None:
+    ns = cluster.ns
     kuberay.reconcile(SERVICE)
     timer.mark("serve config RUNNING on local Ray Serve")
 
@@ -525,7 +510,7 @@ def test_modelservice_serves_the_adapter(
     from openai import OpenAI
 
     # Services carry no traffic here: the endpoint's host is replaced by the local proxy.
-    api = OpenAI(base_url=f"{serve_.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    api = OpenAI(base_url=f"{kuberay.url}/v1", api_key="unused", max_retries=0, timeout=120)
     raw = api.chat.completions.with_raw_response.create(
         model=JOB,
         messages=[{"role": "user", "content": "The gearbox shows vibration. What do I do?"}],
