@@ -59,6 +59,8 @@ def main() -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ray.init(
+        # a cluster of its own, never one another process on this machine started
+        address="local",
         num_cpus=int(os.environ.get("E2E_RAY_CPUS", "2")),
         include_dashboard=False,
         log_to_driver=False,
