@@ -189,7 +189,7 @@ def test_valid_job_is_accepted_by_the_operator(
         ),
     )
     c = condition(obj, "Accepted")
-    assert c is not None and c["reason"] == "Validated"
+    assert c is not None and c["reason"] == "Valid"
     assert c["observedGeneration"] == obj["metadata"]["generation"]
     # Kopf's bookkeeping lives in status.graft, not in kopf.zalando.org annotations
     annotations = obj["metadata"].get("annotations", {})

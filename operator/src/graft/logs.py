@@ -7,7 +7,13 @@ import logging
 import sys
 from typing import Any
 
-_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# Kopf puts its whole OperatorSettings into every object log record: 2 KB a line of noise.
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {
+    "message",
+    "asctime",
+    "settings",
+    "k8s_skip",
+}
 
 
 class JsonFormatter(logging.Formatter):

@@ -6,13 +6,14 @@ vanished) runs the same level-triggered pass of ``graft.reconcile.finetunejob``.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import kopf
 
 from graft.api.common import GROUP, VERSION
 from graft.api.finetunejob import KIND, PLURAL
-from graft.builders.naming import LABEL_JOB
+from graft.builders.naming import ANNOTATION_PROGRESS, LABEL_JOB
 from graft.reconcile.finetunejob import FineTuneJobReconciler
 
 _POD_FIELDS = (
@@ -41,7 +42,9 @@ def _reconciler(memo: Any, kwargs: dict[str, Any]) -> FineTuneJobReconciler:
 
 
 @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
-def graft_trainer_pods(namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+async def graft_trainer_pods(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[Any, Any] | None:
     """(namespace, job) -> the Pod, trimmed to what the reconciler reads."""
     job = _owner_job(body)
     if job is None:
@@ -56,7 +59,7 @@ def graft_trainer_pods(namespace: str | None, body: kopf.Body, **_: Any) -> dict
 
 
 @kopf.index("pods", labels={LABEL_JOB: kopf.PRESENT})
-def graft_trainer_pods_by_node(
+async def graft_trainer_pods_by_node(
     namespace: str | None, body: kopf.Body, **_: Any
 ) -> dict[Any, Any] | None:
     """node name -> (namespace, job) of the gangs on it."""
@@ -65,7 +68,7 @@ def graft_trainer_pods_by_node(
 
 
 @kopf.index("nodes")
-def graft_nodes(name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
+async def graft_nodes(name: str, status: kopf.Status, **_: Any) -> dict[Any, Any]:
     """node name -> the Node's Ready condition (all the failure classifier reads)."""
     ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
     return {name: {"metadata": {"name": name}, "status": {"conditions": ready}}}
@@ -89,8 +92,38 @@ async def trainer_pod_changed(
     body: kopf.Body, namespace: str | None, memo: Any, **kwargs: Any
 ) -> None:
     job = _owner_job(body)
-    if job:
-        await _reconciler(memo, kwargs).reconcile(str(namespace), job)
+    if not job:
+        return
+    # Most Pod updates (scheduler conditions, IPs) change nothing a pass reads: skip them.
+    digests: dict[str, int] = memo.pod_digests
+    uid = str(body.metadata.uid)
+    if kwargs.get("type") == "DELETED":
+        digests.pop(uid, None)
+    else:
+        digest = _digest(body)
+        if digests.get(uid) == digest:
+            return
+        digests[uid] = digest
+    await _reconciler(memo, kwargs).reconcile(str(namespace), job)
+
+
+def _digest(body: kopf.Body) -> int:
+    """What a pass reads from a Pod: phase and reasons, node, deletion, container states,
+    the progress annotation."""
+    status = body.status
+    containers = json.dumps(
+        [cs.get("state") for cs in status.get("containerStatuses") or []], sort_keys=True
+    )
+    return hash(
+        (
+            status.get("phase"),
+            status.get("reason"),
+            body.spec.get("nodeName"),
+            body.metadata.get("deletionTimestamp"),
+            body.metadata.annotations.get(ANNOTATION_PROGRESS),
+            containers,
+        )
+    )
 
 
 @kopf.on.event("nodes")

@@ -26,7 +26,9 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
         field="status.graft.lastHandledConfiguration"
     )
-    settings.posting.level = logging.INFO
+    # Kopf's own "Handler succeeded" Events would be one more POST per change; the
+    # reconcilers post the Events users read (kopf.event is not filtered by this level).
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
@@ -41,6 +43,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.kube = await Kube.connect()
     memo.finetunejobs = FineTuneJobReconciler(memo.kube, memo.config)
     memo.node_readiness = {}
+    memo.pod_digests = {}
     memo.modelservices = ModelServiceReconciler(memo.kube, memo.config)
     pools = [p.name for p in memo.config.node_pools]
     log.info("graft operator started", extra={"nodePools": pools})

@@ -149,10 +149,20 @@ def decide(world: World, settings: Settings) -> Plan:
     def event(kind: str, reason: str, message: str) -> None:
         plan.events.append((kind, reason, message))
 
+    # Pods whose GPU time is not yet in completed_attempts_gpu_hours; the pool for the price.
+    running: list[Mapping[str, Any]] = []
+    price: float | None = None
+
     def finish() -> Plan:
         st.conditions = conds
         st.phase = derive_phase(conds)
         st.observed_generation = gen
+        if st.placement is not None and price is not None:
+            # every path computes these the same way, so a pass that changes nothing else
+            # writes nothing
+            used = gpu_hours(running, st.placement.gpus_per_node, now)
+            st.gpu_hours = round(st.completed_attempts_gpu_hours + used, 4)
+            st.cost = round(st.gpu_hours * price, 2) if price else None
         return plan
 
     # 1. The spec: valid, and unchanged since the job started (suspend aside).
@@ -230,9 +240,13 @@ def decide(world: World, settings: Settings) -> Plan:
         cond(T.ADMITTED, False, Reason.UNSCHEDULABLE, msg)
         return finish()
     gpus = placement.gpus_per_node
+    price = pool.price_per_gpu_hour
+    running = [p for p in attempt_pods if not p["metadata"].get("deletionTimestamp")]
 
     def tear_down(pods: Iterable[Mapping[str, Any]]) -> None:
+        nonlocal running
         pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        running = []
         done = gpu_hours(pods, gpus, now)
         st.completed_attempts_gpu_hours = round(st.completed_attempts_gpu_hours + done, 6)
         plan.gpu_hours_done += done
@@ -251,7 +265,8 @@ def decide(world: World, settings: Settings) -> Plan:
         )
         frm = f" from checkpoint {resume}" if resume else ""
         event("Normal", "AttemptStarted", f"attempt {st.attempt} ({why}){frm}")
-        cond(T.RUNNING, False, Reason.NOT_ALL_RANKS_RUNNING, f"attempt {st.attempt} starting")
+        # the same words gang_state uses for an all-pending gang: the next pass rewrites nothing
+        cond(T.RUNNING, False, Reason.NOT_ALL_RANKS_RUNNING, f"0/{placement.nodes} ranks running")
         cond(T.GANG_PENDING, False, Reason.ALL_RANKS_SCHEDULED, "")
         plan.requeue_after = float(settings.gang_pending_timeout_seconds) + 1
 
@@ -321,8 +336,6 @@ def decide(world: World, settings: Settings) -> Plan:
             st.data = upd.data
         if upd.output is not None:
             st.output = upd.output
-    st.gpu_hours = round(st.completed_attempts_gpu_hours + gpu_hours(attempt_pods, gpus, now), 4)
-    st.cost = round(st.gpu_hours * pool.price_per_gpu_hour, 2) if pool.price_per_gpu_hour else None
 
     if gang.missing_ranks and not gang.failures:
         # the operator stopped between creating Pods, or someone deleted an unstarted one
@@ -459,7 +472,8 @@ class FineTuneJobReconciler:
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
         self.settings = settings
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._running: set[tuple[str, str]] = set()
+        self._dirty: set[tuple[str, str]] = set()
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.pods_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
         self.nodes_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
@@ -475,13 +489,24 @@ class FineTuneJobReconciler:
         return out
 
     async def reconcile(self, namespace: str, name: str) -> None:
+        """Run a pass; a call during a running pass makes that one run once more instead
+        (a burst of Pod events costs two passes, not one per event)."""
         key = (namespace, name)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            await self._pass(namespace, name)
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running.add(key)
+        try:
+            while True:
+                self._dirty.discard(key)
+                await self._pass(namespace, name)
+                if key not in self._dirty:
+                    break
+        finally:
+            self._running.discard(key)
 
     def forget(self, namespace: str, name: str) -> None:
-        self._locks.pop((namespace, name), None)
+        self._dirty.discard((namespace, name))
         timer = self._timers.pop((namespace, name), None)
         if timer:
             timer.cancel()

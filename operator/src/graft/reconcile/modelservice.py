@@ -309,15 +309,27 @@ class ModelServiceReconciler:
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
         self.settings = settings
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._running: set[tuple[str, str]] = set()
+        self._dirty: set[tuple[str, str]] = set()
 
     def forget(self, namespace: str, name: str) -> None:
-        self._locks.pop((namespace, name), None)
+        self._dirty.discard((namespace, name))
 
     async def reconcile(self, namespace: str, name: str) -> None:
-        lock = self._locks.setdefault((namespace, name), asyncio.Lock())
-        async with lock:
-            await self._pass(namespace, name)
+        """Run a pass, or have the running one run once more (as for FineTuneJobs)."""
+        key = (namespace, name)
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running.add(key)
+        try:
+            while True:
+                self._dirty.discard(key)
+                await self._pass(namespace, name)
+                if key not in self._dirty:
+                    break
+        finally:
+            self._running.discard(key)
 
     async def _pass(self, namespace: str, name: str) -> None:
         t0 = asyncio.get_running_loop().time()
