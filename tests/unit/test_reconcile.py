@@ -11,6 +11,7 @@ import pytest
 from graft.config import load_settings
 from graft.reconcile import finetunejob as ftj
 from graft.reconcile import modelservice as ms
+from graft.reconcile.common import status_patch
 from graft.testing.cluster import TEST_NODE_POOLS
 
 NOW = dt.datetime(2026, 11, 25, 21, 0, 0, tzinfo=dt.UTC)
@@ -185,7 +186,7 @@ def test_progress_annotation_rolls_up() -> None:
 def test_status_patch_deletes_cleared_fields() -> None:
     old = {"restartAt": "t", "graft": {"x": 1}, "attempt": 1}
     new = ftj.FineTuneJobStatus(attempt=1)
-    patch = ftj.status_patch(old, new)
+    patch = status_patch(old, new)
     assert patch["restartAt"] is None and "graft" not in patch and "attempt" not in patch
 
 
@@ -248,3 +249,23 @@ def test_service_unschedulable_and_invalid() -> None:
     plan = ms.decide(bad, {}, None, SETTINGS, NOW)
     assert cond(plan, "Accepted").reason == "InvalidSpec"
     assert "minReplicas" in cond(plan, "Accepted").message
+
+
+def test_a_burst_of_triggers_costs_two_passes() -> None:
+    import asyncio
+
+    from graft.reconcile.common import Coalescer
+
+    passes = 0
+
+    async def once() -> None:
+        nonlocal passes
+        passes += 1
+        await asyncio.sleep(0.01)
+
+    async def burst() -> None:
+        c = Coalescer()
+        await asyncio.gather(*(c.run(("ns", "j"), once) for _ in range(20)))
+
+    asyncio.run(burst())
+    assert passes == 2

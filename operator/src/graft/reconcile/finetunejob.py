@@ -36,6 +36,7 @@ from graft.builders import naming
 from graft.config import Settings
 from graft.kube import Kube
 from graft.placement import PlacementError, place
+from graft.reconcile.common import Coalescer, status_patch
 from graft.status import (
     ConditionType,
     GangPhase,
@@ -456,24 +457,13 @@ def _detection_seconds(
     return max(0.0, (now - min(times)).total_seconds()) if times else None
 
 
-def status_patch(old: Mapping[str, Any], new: FineTuneJobStatus) -> dict[str, Any]:
-    """Merge patch from the live status to ``new`` (None deletes; status.graft untouched)."""
-    want = new.wire()
-    patch: dict[str, Any] = {k: v for k, v in want.items() if old.get(k) != v}
-    for k in old:
-        if k not in want and k != "graft":
-            patch[k] = None
-    return patch
-
-
 class FineTuneJobReconciler:
     """Runs passes, one at a time per job, and re-runs them when time alone moves things."""
 
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
         self.settings = settings
-        self._running: set[tuple[str, str]] = set()
-        self._dirty: set[tuple[str, str]] = set()
+        self._passes = Coalescer()
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.pods_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
         self.nodes_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
@@ -489,24 +479,10 @@ class FineTuneJobReconciler:
         return out
 
     async def reconcile(self, namespace: str, name: str) -> None:
-        """Run a pass; a call during a running pass makes that one run once more instead
-        (a burst of Pod events costs two passes, not one per event)."""
-        key = (namespace, name)
-        if key in self._running:
-            self._dirty.add(key)
-            return
-        self._running.add(key)
-        try:
-            while True:
-                self._dirty.discard(key)
-                await self._pass(namespace, name)
-                if key not in self._dirty:
-                    break
-        finally:
-            self._running.discard(key)
+        await self._passes.run((namespace, name), lambda: self._pass(namespace, name))
 
     def forget(self, namespace: str, name: str) -> None:
-        self._dirty.discard((namespace, name))
+        self._passes.forget((namespace, name))
         timer = self._timers.pop((namespace, name), None)
         if timer:
             timer.cancel()
@@ -580,7 +556,7 @@ class FineTuneJobReconciler:
         for pod in plan.create_pods:
             kopf.append_owner_reference(pod, owner=owner)
             await self.kube.create_pod(pod)
-        patch = status_patch({k: v for k, v in (body.get("status") or {}).items()}, plan.status)
+        patch = status_patch(dict(body.get("status") or {}), plan.status)
         if patch:
             await self.kube.patch_status(API_VERSION, KIND, ns, body["metadata"]["name"], patch)
         for kind, reason, message in plan.events:

@@ -34,6 +34,7 @@ from graft.builders.serve_config import APP_NAME, ResolvedAdapter
 from graft.config import NodePool, Settings
 from graft.kube import Kube
 from graft.placement import PlacementError, place
+from graft.reconcile.common import Coalescer, status_patch
 from graft.validation import InvalidSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -294,42 +295,19 @@ def _differs(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     )
 
 
-def status_patch(old: Mapping[str, Any], new: ModelServiceStatus) -> dict[str, Any]:
-    want = new.wire()
-    patch: dict[str, Any] = {k: v for k, v in want.items() if old.get(k) != v}
-    for k in old:
-        if k not in want and k != "graft":
-            patch[k] = None
-    return patch
-
-
 class ModelServiceReconciler:
     """Runs passes, one at a time per ModelService."""
 
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
         self.settings = settings
-        self._running: set[tuple[str, str]] = set()
-        self._dirty: set[tuple[str, str]] = set()
+        self._passes = Coalescer()
 
     def forget(self, namespace: str, name: str) -> None:
-        self._dirty.discard((namespace, name))
+        self._passes.forget((namespace, name))
 
     async def reconcile(self, namespace: str, name: str) -> None:
-        """Run a pass, or have the running one run once more (as for FineTuneJobs)."""
-        key = (namespace, name)
-        if key in self._running:
-            self._dirty.add(key)
-            return
-        self._running.add(key)
-        try:
-            while True:
-                self._dirty.discard(key)
-                await self._pass(namespace, name)
-                if key not in self._dirty:
-                    break
-        finally:
-            self._running.discard(key)
+        await self._passes.run((namespace, name), lambda: self._pass(namespace, name))
 
     async def _pass(self, namespace: str, name: str) -> None:
         t0 = asyncio.get_running_loop().time()
