@@ -389,7 +389,7 @@ class Trainer:
         else:
             self.last_ckpt = {"step": step, "uri": store.uri(name), "time": None}
         d.barrier()
-        reporter.emit(force=True, state="training", lastCheckpoint=self.last_ckpt)
+        reporter.emit(force=True, state="training", step=step, lastCheckpoint=self.last_ckpt)
         return info
 
     def _load(
