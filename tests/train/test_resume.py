@@ -22,15 +22,12 @@ import torch
 from safetensors.torch import load_file
 from trainkit import make_job
 
+from graft.procs import descendants
 from graft.runtime.train import EXIT_RETRYABLE, launch_local, run_training
-from graft.runtime.train.launch import _children
 
 
 def tree(pid: int) -> list[int]:
-    out = [pid]
-    for c in _children(pid):
-        out += tree(c)
-    return out
+    return [pid, *descendants(pid)]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

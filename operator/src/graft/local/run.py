@@ -35,6 +35,7 @@ from rich.progress import (
 from graft.api.finetunejob import FineTuneJobSpec
 from graft.local import state as st
 from graft.local.spec import JobFile, load_job
+from graft.procs import descendants
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 10
@@ -134,30 +135,6 @@ class _TrainerLog:
             self._thread.join(timeout)
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux /proc), children first."""
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1:
-            kids.setdefault(int(fields[1]), []).append(int(d.name))
-    out: list[int] = []
-
-    def walk(p: int) -> None:
-        for c in kids.get(p, []):
-            walk(c)
-        out.append(p)
-
-    walk(pid)
-    return out
-
-
 class _Interrupts:
     """Ctrl-C (SIGINT), SIGTERM, SIGHUP: the first asks the trainer to checkpoint and stop;
     a second Ctrl-C kills it at once."""
@@ -195,7 +172,7 @@ class _Interrupts:
             self.console.print(
                 "[red]Killing the trainer; resume starts from the last checkpoint.[/]"
             )
-            for pid in _tree(proc.pid):
+            for pid in reversed([proc.pid, *descendants(proc.pid)]):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 

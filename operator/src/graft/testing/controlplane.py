@@ -223,41 +223,27 @@ class ControlPlane:
         self._pki()
         self._write_kubeconfig()
         pki = self.state_dir / "pki"
-        self._spawn(
-            "etcd",
-            [
-                _binary(self.assets, "etcd"),
-                "--data-dir",
-                str(self.state_dir / "etcd"),
-                "--listen-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{self.etcd_peer_port}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{self.etcd_peer_port}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{self.etcd_peer_port}",
-                "--unsafe-no-fsync",
-            ]
-            if "--unsafe-no-fsync" in _help(_binary(self.assets, "etcd"))
-            else [
-                _binary(self.assets, "etcd"),
-                "--data-dir",
-                str(self.state_dir / "etcd"),
-                "--listen-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{self.etcd_peer_port}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{self.etcd_peer_port}",
-                "--initial-cluster",
-                f"default=http://127.0.0.1:{self.etcd_peer_port}",
-            ],
-        )
+        etcd = _binary(self.assets, "etcd")
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        client_url = f"http://127.0.0.1:{self.etcd_port}"
+        etcd_args = [
+            etcd,
+            "--data-dir",
+            str(self.state_dir / "etcd"),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"default={peer}",
+        ]
+        if "--unsafe-no-fsync" in _help(etcd):
+            etcd_args.append("--unsafe-no-fsync")  # a throw-away test store
+        self._spawn("etcd", etcd_args)
         apiserver = _binary(self.assets, "kube-apiserver")
         api_help = _help(apiserver)
         api_args = [

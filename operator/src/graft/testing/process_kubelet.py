@@ -53,6 +53,7 @@ from typing import IO, Any
 
 from kubernetes import client
 
+from graft.procs import descendants
 from graft.testing.cluster import FakeKubelet
 from graft.testing.controlplane import free_port
 
@@ -71,33 +72,6 @@ MAX_MESSAGE = 4096
 
 def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, grandchildren, ...), read from /proc.
-
-    torchrun starts its workers in sessions of their own, so a process group does not
-    cover a Pod's processes; the parent links do.
-    """
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # comm may contain spaces and parentheses; the fields after the last ')' do not
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:

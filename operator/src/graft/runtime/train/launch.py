@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from graft.procs import children
 from graft.runtime.train.config import RuntimeEnv, load_job_config
 from graft.runtime.train.errors import (
     EXIT_CRASH,
@@ -81,22 +82,6 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
         path.write_text(json.dumps(obj))
     except OSError as e:
         log.warning("could not write exit record", extra={"path": str(path), "error": str(e)})
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            out.append(int(d.name))
-    return out
 
 
 def merge_exit_records(exit_dir: Path) -> Termination | None:
@@ -162,7 +147,7 @@ def run_torchrun(env: RuntimeEnv) -> int:
 
     def forward(signum: int, frame: Any) -> None:
         terminated.set()
-        for pid in _children(me):
+        for pid in children(me):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
