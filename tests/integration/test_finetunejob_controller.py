@@ -155,6 +155,16 @@ def test_two_node_gang_lands_on_a100_nodes(
     assert st["phase"] == "Pending" and st["attempt"] == 1
     svc = jobs.core.read_namespaced_service("gang-gang", jobs.ns)
     assert svc.spec.cluster_ip == "None"
+    # rank pods run as the job's trainer identity, which may patch only its own pods
+    assert {p.spec.service_account_name for p in pods} == {"gang-trainer"}
+    sa = f"--as=system:serviceaccount:{jobs.ns}:gang-trainer"
+    can = [
+        control_plane.kubectl(
+            "auth", "can-i", "patch", f"pods/{p}", sa, "-n", jobs.ns, check=False
+        ).stdout.strip()
+        for p in ("gang-a1-r0", "gang-a1-r1", "someone-else")
+    ]
+    assert can == ["yes", "yes", "no"]
     jobs.run_all("gang", 1)
     assert jobs.status("gang")["phase"] == "Running"
     out = control_plane.kubectl("get", "ftj", "gang", "-n", jobs.ns).stdout

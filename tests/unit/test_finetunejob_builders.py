@@ -80,6 +80,7 @@ def test_two_nodes_of_eight_gpus_whole_pod() -> None:
             "hostname": "llama-sft-r1",
             "subdomain": "llama-sft-gang",
             "enableServiceLinks": False,
+            "serviceAccountName": "llama-sft-trainer",
             "terminationGracePeriodSeconds": 300,
             "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
             "nodeSelector": A100_SELECTOR,
@@ -399,3 +400,23 @@ def test_with_spec_hash_ignores_its_own_annotation() -> None:
     assert obj == {"metadata": {"name": "x"}, "spec": {"a": 1}}  # input untouched
     changed = naming.with_spec_hash({"metadata": {"name": "x"}, "spec": {"a": 2}})
     assert changed["metadata"]["annotations"] != once["metadata"]["annotations"]
+
+
+def test_trainer_identity_may_patch_only_its_attempts_pods() -> None:
+    from graft.builders.finetunejob import build_trainer_identity
+
+    job, placement = two_by_eight()
+    sa, role, binding = (without_hash(o) for o in build_trainer_identity(job, placement, 3))
+    assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "llama-sft-trainer"
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["pods"],
+            "verbs": ["get", "patch"],
+            "resourceNames": ["llama-sft-a3-r0", "llama-sft-a3-r1"],
+        }
+    ]
+    assert binding["roleRef"]["name"] == "llama-sft-trainer"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "llama-sft-trainer", "namespace": "team-a"}
+    ]

@@ -90,7 +90,13 @@ def test_first_pass_places_and_creates_the_gang() -> None:
     assert plan.status.placement is not None and plan.status.placement.node_pool == "a100-80g"
     assert plan.status.attempt == 1
     assert [p["metadata"]["name"] for p in plan.create_pods] == ["j-a1-r0", "j-a1-r1"]
-    assert [o["kind"] for o in plan.apply] == ["ConfigMap", "Service"]
+    assert [o["kind"] for o in plan.apply] == [
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Service",
+    ]
     assert plan.status.phase is not None and plan.status.phase.value == "Pending"
 
 

@@ -86,7 +86,11 @@ cluster-wide mode and by the Role in single-namespace mode.
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
+  resources: ["services", "configmaps", "serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# each job's trainer identity: a Role that lets its ranks patch only their own Pods
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]

@@ -53,6 +53,7 @@ class Kube:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
 
     @classmethod
     async def connect(cls) -> Kube:
@@ -83,6 +84,16 @@ class Kube:
                 return self._plain(await self.core.patch_namespaced_config_map(name, ns, obj, **kw))
             if kind == "Service":
                 return self._plain(await self.core.patch_namespaced_service(name, ns, obj, **kw))
+            if kind == "ServiceAccount":
+                return self._plain(
+                    await self.core.patch_namespaced_service_account(name, ns, obj, **kw)
+                )
+            if kind == "Role":
+                return self._plain(await self.rbac.patch_namespaced_role(name, ns, obj, **kw))
+            if kind == "RoleBinding":
+                return self._plain(
+                    await self.rbac.patch_namespaced_role_binding(name, ns, obj, **kw)
+                )
             group, version = obj["apiVersion"].split("/")
             plural = _CUSTOM[(obj["apiVersion"], kind)]
             out: dict[str, Any] = await self.custom.patch_namespaced_custom_object(

@@ -29,6 +29,7 @@ TRAINER_CONTAINER = "trainer"
 COMPONENT_TRAINER = "trainer"
 COMPONENT_CONFIG = "config"
 COMPONENT_GANG = "gang"
+COMPONENT_IDENTITY = "identity"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
@@ -191,6 +192,59 @@ def build_gang_service(job: FineTuneJob) -> dict[str, Any]:
     )
 
 
+def trainer_account_name(job: str) -> str:
+    """The ServiceAccount, Role and RoleBinding of a job's trainer pods."""
+    return naming.child_name(job, "trainer", limit=naming.DNS_SUBDOMAIN_MAX)
+
+
+def build_trainer_identity(
+    job: FineTuneJob, placement: Placement, attempt: int
+) -> list[dict[str, Any]]:
+    """ServiceAccount + Role + RoleBinding that let the attempt's ranks patch their own Pods.
+
+    Rank 0 reports progress as an annotation on its own Pod; the Role names exactly this
+    attempt's Pods (``resourceNames``), so a trainer can touch nothing else. A namespace's
+    default ServiceAccount usually may not patch Pods at all.
+    """
+    name = job_name(job)
+    ns = job_namespace(job)
+    account = trainer_account_name(name)
+    labels = naming.trainer_labels(name, component=COMPONENT_IDENTITY)
+    pods = [naming.pod_name(name, attempt, r) for r in range(placement.nodes)]
+    meta = {"name": account, "namespace": ns, "labels": labels}
+    return [
+        naming.with_spec_hash({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}),
+        naming.with_spec_hash(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": meta,
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "resources": ["pods"],
+                        "verbs": ["get", "patch"],
+                        "resourceNames": pods,
+                    }
+                ],
+            }
+        ),
+        naming.with_spec_hash(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": meta,
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": account,
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}],
+            }
+        ),
+    ]
+
+
 def trainer_env(
     job: FineTuneJob,
     placement: Placement,
@@ -347,6 +401,7 @@ def build_pod(
         "hostname": naming.pod_hostname(name, rank),
         "subdomain": naming.gang_service_name(name),
         "enableServiceLinks": False,
+        "serviceAccountName": trainer_account_name(name),
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],

@@ -259,6 +259,7 @@ def decide(world: World, settings: Settings) -> Plan:
         st.start_time = st.start_time or now.strftime("%Y-%m-%dT%H:%M:%SZ")
         st.spec_hash = st.spec_hash or _spec_hash(spec)
         resume = st.last_checkpoint.uri if st.last_checkpoint else None
+        plan.apply += build.build_trainer_identity(job, placement, st.attempt)
         plan.apply.append(build.build_config_map(job, placement, st.attempt, resume, settings))
         plan.apply.append(build.build_gang_service(job))
         plan.create_pods += build.build_pods(
