@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from graft.api.common import ApiModel, DnsLabel
+from graft.validation import describe
 
 
 class ConfigError(Exception):
@@ -162,4 +163,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     try:
         return Settings.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid operator configuration: {e}") from e
+        raise ConfigError(
+            f"invalid operator configuration: {describe(e, prefix='config')}. Fix it in the "
+            "Helm values (config.*) or the matching GRAFT_* variable; see docs/operator.md."
+        ) from e

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="graft-operator",
         description="Reconcile FineTuneJobs and ModelServices. Settings come from GRAFT_* "
-        "environment variables and the GRAFT_CONFIG file (see docs/operator-config.md).",
+        "environment variables and the GRAFT_CONFIG file (see docs/operator.md).",
     )
     parser.parse_args(argv)
     try:
