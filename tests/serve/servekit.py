@@ -6,7 +6,6 @@ A module of its own (not conftest.py) so that tests can import it by a unique na
 from __future__ import annotations
 
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,19 +61,9 @@ class LocalServe:
         self.wait_running(timeout=timeout)
 
     def wait_running(self, *, timeout: float = 120) -> None:
-        from ray import serve
+        from graft.local.serve import wait_running
 
-        deadline = time.monotonic() + timeout
-        status = None
-        while time.monotonic() < deadline:
-            app = serve.status().applications.get(APP_NAME)
-            status = app.status if app else None
-            if status == "RUNNING":
-                return
-            if status == "DEPLOY_FAILED":
-                raise AssertionError(f"deploy failed: {app.message if app else ''}")
-            time.sleep(0.25)
-        raise AssertionError(f"application not RUNNING after {timeout}s (last: {status})")
+        wait_running(timeout)
 
     def running_replicas(self) -> int:
         from ray import serve

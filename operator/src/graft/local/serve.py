@@ -166,7 +166,7 @@ def local_service(svc: ServiceFile, opts: ServeOptions | None = None) -> Iterato
         cfg, notes = local_config(svc, adapters, opts, gpus=gpus)
         client = serve_start(http_options={"host": opts.host, "port": opts.port})
         client.deploy_apps(ServeDeploySchema.model_validate(cfg))
-        _wait_running(opts.deploy_timeout)
+        wait_running(opts.deploy_timeout)
         host = "127.0.0.1" if opts.host in ("0.0.0.0", "") else opts.host
         yield LocalService(
             endpoint=f"http://{host}:{opts.port}/v1",
@@ -186,7 +186,8 @@ class DeployError(Exception):
     """The Serve application did not come up; the message is Serve's."""
 
 
-def _wait_running(timeout: float) -> None:
+def wait_running(timeout: float) -> None:
+    """Until the Serve app runs; DeployError with Serve's message when it cannot."""
     from ray import serve
 
     deadline = time.monotonic() + timeout

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel
 
 from graft.api.common import API_VERSION, DNS_LABEL_PATTERN
 from graft.api.finetunejob import KIND as FTJ_KIND
@@ -15,6 +16,8 @@ from graft.api.finetunejob import FineTuneJobSpec
 from graft.api.modelservice import KIND as MSVC_KIND
 from graft.api.modelservice import ModelServiceSpec
 from graft.validation import InvalidSpec, parse_spec
+
+M = TypeVar("M", bound=BaseModel)
 
 #: Exit code of every command when the file or the spec is invalid (argparse's own code for
 #: a usage error), distinct from the trainer's 10 (the data or model is wrong).
@@ -105,30 +108,28 @@ def _spec(path: Path, body: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def load_job(path: str | Path) -> JobFile:
-    """A FineTuneJob from ``path``, validated by the same models as the operator uses."""
+def _load(
+    path: str | Path, kind: str, model: type[M]
+) -> tuple[Path, str, str, dict[str, Any], dict[str, str], M]:
+    """The resource of ``kind`` in ``path``, validated by the models the operator uses."""
     p = Path(path)
-    body = _pick(p, _documents(p), FTJ_KIND)
+    body = _pick(p, _documents(p), kind)
     name, ns, ann = _metadata(p, body)
-    raw = _spec(p, body)
     try:
-        spec = parse_spec(FineTuneJobSpec, raw)
+        spec = parse_spec(model, _spec(p, body))
     except InvalidSpec as e:
         raise SpecError(f"{p}: {_local_hint(str(e))}") from None
-    return JobFile(p, name, ns, body, ann, spec)
+    return p, name, ns, body, ann, spec
+
+
+def load_job(path: str | Path) -> JobFile:
+    """A FineTuneJob from ``path``."""
+    return JobFile(*_load(path, FTJ_KIND, FineTuneJobSpec))
 
 
 def load_service(path: str | Path) -> ServiceFile:
-    """A ModelService from ``path``, validated by the same models as the operator uses."""
-    p = Path(path)
-    body = _pick(p, _documents(p), MSVC_KIND)
-    name, ns, ann = _metadata(p, body)
-    raw = _spec(p, body)
-    try:
-        spec = parse_spec(ModelServiceSpec, raw)
-    except InvalidSpec as e:
-        raise SpecError(f"{p}: {_local_hint(str(e))}") from None
-    return ServiceFile(p, name, ns, body, ann, spec)
+    """A ModelService from ``path``."""
+    return ServiceFile(*_load(path, MSVC_KIND, ModelServiceSpec))
 
 
 def _local_hint(message: str) -> str:
