@@ -21,11 +21,13 @@ from graft.api.common import Condition, ConditionStatus, is_true, now_rfc3339
 from graft.api.finetunejob import (
     CheckpointRef,
     DataCounts,
+    EvaluationStatus,
     FineTuneJobPhase,
     OutputStatus,
     Progress,
     RestartPolicy,
 )
+from graft.gate import parse_evaluation
 
 #: Exit codes of graft.runtime.train (docs/runtime-contract.md).
 EXIT_USER_ERROR = 10
@@ -49,6 +51,8 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    #: spec.evaluation's gate passed (reasons in graft.gate; message with the figures).
+    EVALUATION_PASSED = "EvaluationPassed"
 
 
 class Reason(StrEnum):
@@ -598,6 +602,7 @@ class ProgressUpdate:
     last_checkpoint: CheckpointRef | None = None
     data: DataCounts | None = None
     output: OutputStatus | None = None
+    evaluation: EvaluationStatus | None = None
     state: str | None = None
     time: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -626,6 +631,10 @@ def progress_from_annotation(text: str | None) -> ProgressUpdate:
         progress = None
     state = raw.get("state")
     time = raw.get("time")
+    output = raw.get("output")
+    if isinstance(output, Mapping):
+        # Promotability is the operator's verdict, never the trainer's claim.
+        output = {k: v for k, v in output.items() if k != "promotable"}
     extra = {
         k: raw[k]
         for k in ("stageIndex", "stages")
@@ -635,7 +644,8 @@ def progress_from_annotation(text: str | None) -> ProgressUpdate:
         progress=progress,
         last_checkpoint=_lenient(CheckpointRef, raw.get("lastCheckpoint")),
         data=_lenient(DataCounts, raw.get("data")),
-        output=_lenient(OutputStatus, raw.get("output")),
+        output=_lenient(OutputStatus, output),
+        evaluation=parse_evaluation(raw.get("evaluation")),
         state=state if state in _PROGRESS_STATES else None,
         time=time if isinstance(time, str) and parse_time(time) is not None else None,
         extra=extra,

@@ -35,6 +35,21 @@ class DatasetFormat(StrEnum):
     CHAT = "chat"
 
 
+class EvaluationFormat(StrEnum):
+    """Formats of an evaluation set: the training formats, plus qa for the fact score."""
+
+    TEXT = "text"
+    JSONL = "jsonl"
+    ALPACA = "alpaca"
+    CHAT = "chat"
+    QA = "qa"
+
+
+class AnswerMatch(StrEnum):
+    EXACT = "exact"
+    CONTAINS = "contains"
+
+
 class Method(StrEnum):
     FULL = "full"
     LORA = "lora"
@@ -306,6 +321,98 @@ class RestartPolicy(ApiModel):
     )
 
 
+class EvaluationDataset(ApiModel):
+    """One held-out set the trainer evaluates before training, after each stage and at the end."""
+
+    name: DnsLabel = Field(description="Name shown in status.evaluation and in TensorBoard.")
+    uri: StorageUri = Field(
+        description="File or directory of the data: pvc://, s3://, file:// (or hf:// with egress)."
+    )
+    format: EvaluationFormat = Field(
+        default=EvaluationFormat.JSONL,
+        description="text, jsonl, alpaca, chat: as for a stage's dataset; loss and perplexity "
+        "on it (for alpaca and chat, on the response tokens only). qa: JSONL of "
+        "{question, answer} (answer a string or a list of accepted strings); the model answers "
+        "each question by greedy generation and the score is the share answered right.",
+    )
+    text_field: str = Field(
+        default="text",
+        min_length=1,
+        description="For format jsonl: the key holding each document's text.",
+    )
+    max_examples: int = Field(
+        default=200,
+        ge=1,
+        le=100000,
+        description="Evaluate at most this many documents or questions (the first ones), so an "
+        "evaluation stays a small share of the training time.",
+    )
+
+
+class EvaluationGate(ApiModel):
+    """What the final evaluation must show for the output to be promotable."""
+
+    max_perplexity_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="Highest allowed final / baseline perplexity on the held-out text sets "
+        "(0.9: at least 10% lower than the base model; 1.0: no worse).",
+    )
+    min_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Lowest allowed final fact score on the qa sets (share of questions "
+        "answered right, 0 to 1).",
+    )
+
+
+class Evaluation(ApiModel):
+    """Held-out evaluation of the model before, during and after training, and its gate."""
+
+    datasets: list[EvaluationDataset] = Field(
+        min_length=1,
+        max_length=16,
+        description="Held-out sets; names must be unique. Keep them out of the training data.",
+    )
+    gate: EvaluationGate | None = Field(
+        default=None,
+        description="Conditions on the final figures; unset: evaluate and report, never block. "
+        "A job whose gate fails still ends Succeeded, with status.output.promotable false.",
+    )
+    match: AnswerMatch = Field(
+        default=AnswerMatch.CONTAINS,
+        description="How a qa answer counts as right after lower-casing and collapsing "
+        "whitespace: exact (the whole generated answer) or contains (the expected answer "
+        "appears in it).",
+    )
+    max_new_tokens: int = Field(
+        default=48, ge=1, le=1024, description="Tokens generated per qa question (greedy)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Evaluation:
+        names = [d.name for d in self.datasets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"evaluation dataset names must be unique; repeated: {dupes}")
+        gate = self.gate
+        formats = {d.format for d in self.datasets}
+        if gate is not None and gate.min_score is not None and EvaluationFormat.QA not in formats:
+            raise ValueError("gate.minScore needs a dataset with format qa; add one or unset it")
+        if (
+            gate is not None
+            and gate.max_perplexity_ratio is not None
+            and not formats - {EvaluationFormat.QA}
+        ):
+            raise ValueError(
+                "gate.maxPerplexityRatio needs a text, jsonl, alpaca or chat dataset; "
+                "add one or unset it"
+            )
+        return self
+
+
 class FineTuneJobSpec(ApiModel):
     """Desired state of a FineTuneJob."""
 
@@ -336,6 +443,11 @@ class FineTuneJobSpec(ApiModel):
     output: Output = Field(description="Where the final adapter or model is written.")
     restart_policy: RestartPolicy = Field(
         default_factory=RestartPolicy, description="Recovery from failures."
+    )
+    evaluation: Evaluation | None = Field(
+        default=None,
+        description="Held-out evaluation before training (baseline), after each stage and at "
+        "the end, with an optional gate on the result.",
     )
     suspend: bool = Field(
         default=False,
@@ -382,6 +494,49 @@ class OutputKind(StrEnum):
 class OutputStatus(ApiModel):
     uri: str = Field(description="Where the result is.")
     kind: OutputKind = Field(description="adapter (peft directory) or model (full weights).")
+    promotable: bool | None = Field(
+        default=None,
+        description="Set by the operator when the job succeeds: false when spec.evaluation.gate "
+        "failed (or could not be checked); true otherwise. A ModelService serves a "
+        "fromFineTuneJob adapter only when it is not false.",
+    )
+
+
+class EvaluationMetrics(ApiModel):
+    """Figures of one evaluation over all held-out sets."""
+
+    loss: float | None = Field(
+        default=None, ge=0, description="Mean token loss over the text sets (token-weighted)."
+    )
+    perplexity: float | None = Field(default=None, ge=1, description="exp(loss).")
+    score: float | None = Field(
+        default=None, ge=0, le=1, description="Share of qa questions answered right."
+    )
+
+
+class StageEvaluation(EvaluationMetrics):
+    """The evaluation after one stage."""
+
+    name: str = Field(description="The stage evaluated after.")
+
+
+class EvaluationStatus(ApiModel):
+    """Results of spec.evaluation, reported by the trainer and checked by the operator."""
+
+    baseline: EvaluationMetrics | None = Field(
+        default=None, description="The base model, before any training."
+    )
+    stages: list[StageEvaluation] = Field(
+        default_factory=list, description="After each finished stage, in order."
+    )
+    final: EvaluationMetrics | None = Field(
+        default=None, description="The trained model (base + adapter, or full weights)."
+    )
+    passed: bool | None = Field(
+        default=None,
+        description="The gate's verdict on final vs baseline; null while unknown or without "
+        "a gate.",
+    )
 
 
 class Placement(ApiModel):
@@ -431,6 +586,9 @@ class FineTuneJobStatus(ApiModel):
         default=None, ge=0, description="gpuHours x the pool's pricePerGpuHour."
     )
     data: DataCounts | None = Field(default=None, description="Data preparation counts.")
+    evaluation: EvaluationStatus | None = Field(
+        default=None, description="Held-out evaluation results (spec.evaluation)."
+    )
     output: OutputStatus | None = Field(default=None, description="The result, once succeeded.")
     last_failure: FailureRecord | None = Field(
         default=None, description="The most recent failure of an attempt."

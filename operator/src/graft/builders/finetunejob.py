@@ -69,6 +69,7 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     Claims holding only the base model and datasets are mounted read-only.
     """
     inputs = [spec.base_model.uri, *(s.dataset.uri for s in spec.stages)]
+    inputs += [d.uri for d in spec.evaluation.datasets] if spec.evaluation else []
     outputs = [checkpoint_uri(spec), spec.output.uri]
     claims: dict[str, bool] = {}
     for uri, written in [*((u, False) for u in inputs), *((u, True) for u in outputs)]:

@@ -34,6 +34,7 @@ from graft.api.finetunejob import (
 from graft.builders import finetunejob as build
 from graft.builders import naming
 from graft.config import Settings
+from graft.gate import verdict
 from graft.kube import Kube
 from graft.placement import PlacementError, place
 from graft.reconcile.common import Coalescer, status_patch
@@ -338,6 +339,8 @@ def decide(world: World, settings: Settings) -> Plan:
             st.data = upd.data
         if upd.output is not None:
             st.output = upd.output
+        if upd.evaluation is not None:
+            st.evaluation = upd.evaluation
 
     if gang.missing_ranks and not gang.failures:
         # the operator stopped between creating Pods, or someone deleted an unstarted one
@@ -374,6 +377,12 @@ def decide(world: World, settings: Settings) -> Plan:
             plan.requeue_after = float(settings.gang_pending_timeout_seconds) + 1
     elif gang.phase == GangPhase.SUCCEEDED:
         st.output = st.output or _default_output(spec)
+        gate = verdict(spec.evaluation, st.evaluation)
+        st.output.promotable = gate.promotable if gate else True
+        if gate is not None:
+            if st.evaluation is not None:
+                st.evaluation.passed = gate.passed
+            cond(T.EVALUATION_PASSED, gate.passed is not False, gate.reason, gate.message)
         st.completion_time = now.strftime("%Y-%m-%dT%H:%M:%SZ")
         cond(T.RUNNING, False, Reason.COMPLETED, "all ranks finished")
         cond(T.RESTARTING, False, Reason.COMPLETED, "")
