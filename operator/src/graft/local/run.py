@@ -33,6 +33,7 @@ from rich.progress import (
 )
 
 from graft.api.finetunejob import FineTuneJobSpec
+from graft.gate import Verdict, parse_evaluation, verdict
 from graft.local import state as st
 from graft.local.spec import JobFile, load_job
 from graft.procs import descendants
@@ -186,6 +187,7 @@ class _Display:
     progress: Progress
     tasks: dict[int, TaskID] = field(default_factory=dict)
     last_ckpt_uri: str | None = None
+    evaluations_shown: int = 0
 
     @classmethod
     def make(cls, console: Console, stages: int) -> _Display:
@@ -223,12 +225,46 @@ class _Display:
             self.progress.update(
                 self.tasks[idx], description=desc, total=total, completed=step, **fields
             )
+        self._show_evaluations(p.get("evaluation"))
         ck = p.get("lastCheckpoint")
         if isinstance(ck, dict) and ck.get("time") and ck.get("uri") != self.last_ckpt_uri:
             self.last_ckpt_uri = str(ck.get("uri"))
             self.console.print(
                 f"[dim]checkpoint at step {ck.get('step')}: {ck.get('uri')}[/]", soft_wrap=True
             )
+
+    def _show_evaluations(self, ev: Any) -> None:
+        if not isinstance(ev, dict):
+            return
+        raw = ev.get("stages")
+        stages = [x for x in raw if isinstance(x, dict)] if isinstance(raw, list) else []
+        base = ev.get("baseline")
+        entries = [("baseline", base)] if isinstance(base, dict) else []
+        entries += [(str(x.get("name")), x) for x in stages]
+        for name, e in entries[self.evaluations_shown :]:
+            self.console.print(f"[cyan]evaluation {name}: {_figures(e)}[/]", soft_wrap=True)
+        self.evaluations_shown = max(self.evaluations_shown, len(entries))
+
+
+def _figures(e: dict[str, Any]) -> str:
+    parts = []
+    if isinstance(e.get("perplexity"), int | float):
+        parts.append(f"perplexity {e['perplexity']:.3f} (loss {e.get('loss', 0):.4f})")
+    if isinstance(e.get("score"), int | float):
+        parts.append(f"score {e['score']:.0%}")
+    return ", ".join(parts) or "no figures"
+
+
+def _gate(spec: FineTuneJobSpec, raw: Any) -> tuple[dict[str, Any] | None, Verdict | None]:
+    """The evaluation for the state file, with ``passed`` from the gate (as the operator sets
+    it), and the verdict."""
+    if spec.evaluation is None:
+        return None, None
+    parsed = parse_evaluation(raw)
+    v = verdict(spec.evaluation, parsed)
+    if not isinstance(raw, dict) or v is None:
+        return None, v
+    return {**raw, "passed": v.passed}, v
 
 
 def _panel(console: Console, title: str, body: str, style: str = "red") -> None:
@@ -406,7 +442,19 @@ def run_job(
         }
         result.output_uri = record["output"]["uri"]
         result.output_path = out_path
+        evaluation, gate = _gate(spec, (progress or {}).get("evaluation"))
+        record["output"]["promotable"] = gate.promotable if gate else True
+        if gate is not None:
+            record["evaluation"] = evaluation
+            record["evaluationPassed"] = {
+                "status": gate.passed is not False,
+                "reason": gate.reason,
+                "message": gate.message,
+            }
         st.write_state(workdir, job.name, record)
+        if gate is not None:
+            style = "green" if gate.promotable else "bold red"
+            console.print(f"[{style}]Evaluation {gate.reason}[/]: {gate.message}", soft_wrap=True)
         console.print(
             f"[bold green]Succeeded[/] in {elapsed:.0f}s: {record['output']['kind'] or 'output'} "
             f"written to {record['output']['uri']}"

@@ -49,6 +49,7 @@ from graft.runtime.train.config import (
 )
 from graft.runtime.train.data import list_files
 from graft.runtime.train.errors import Terminated, TrainerError, UserError, _is_oom
+from graft.runtime.train.evaluate import Evaluator
 from graft.runtime.train.loop import (
     LoopSpec,
     LoopStats,
@@ -119,6 +120,7 @@ class TrainResult:
     stages: list[StageResult] = field(default_factory=list)
     resumed_from: str | None = None
     last_checkpoint: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -249,6 +251,7 @@ class Trainer:
         self.stdout_progress = stdout_progress
         self.started = False
         self.last_ckpt: dict[str, Any] | None = None
+        self.evaluator: Evaluator | None = None
 
     # --- setup -----------------------------------------------------------------------
     def _validate(self, d: gdist.Dist, plans: list[StagePlan]) -> None:
@@ -364,6 +367,7 @@ class Trainer:
                     "method": self.spec.method.value,
                     "recentLosses": stats.losses[-20:],
                     "data": data_counts,
+                    "evaluation": self.evaluator.record if self.evaluator else None,
                 }
             )
         entries = store.write(name, files)
@@ -568,6 +572,21 @@ class Trainer:
                 resume_dir, d, model=model, raw=raw, optimizer=None, scheduler=None, scaler=None
             )
 
+        if spec.evaluation is not None:
+            self.evaluator = Evaluator.load(
+                spec.evaluation,
+                env.pvc_root,
+                loaded.tokenizer,
+                seq_len=max(p.seq_len for p in plans),
+                micro_batch=hp.micro_batch_size,
+                precision=precision,
+            )
+            # A resumed run keeps the baseline of the untrained model its checkpoint carries.
+            if not resume_name:
+                self.evaluator.run_at("baseline", model, raw, d, self._fsdp)
+            elif not self.evaluator.restore(resume_state.get("evaluation")):
+                log.warning("checkpoint carries no evaluation; the baseline is unknown")
+            reporter.emit(force=True, evaluation=self.evaluator.record)
         result = TrainResult(
             output_uri=spec.output.uri,
             output_kind="adapter" if loaded.is_peft else "model",
@@ -625,6 +644,9 @@ class Trainer:
             log.info("output written", extra={"uri": spec.output.uri, "kind": kind})
         d.barrier()
         result.last_checkpoint = self.last_ckpt
+        if self.evaluator is not None:
+            result.evaluation = self.evaluator.finish()
+            reporter.update(evaluation=result.evaluation)
         reporter.emit(
             force=True,
             state="succeeded",
@@ -809,6 +831,9 @@ class Trainer:
                 torch.distributed.all_reduce(t)
                 s, c = float(t[0]), float(t[1])
             eval_loss = s / c if c else None
+        if self.evaluator is not None:
+            self.evaluator.run_at(plan.name, model, raw, d, self._fsdp)
+            reporter.update(evaluation=self.evaluator.record)
         self.stop.in_loop = True  # a SIGTERM now only sets the flag; the save below is final
         try:
             self._save(
