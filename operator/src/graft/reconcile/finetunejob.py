@@ -30,10 +30,11 @@ from graft.api.finetunejob import (
     Method,
     OutputKind,
     OutputStatus,
+    Placement,
 )
 from graft.builders import finetunejob as build
 from graft.builders import naming
-from graft.config import Settings
+from graft.config import NodePool, Settings
 from graft.gate import verdict
 from graft.kube import Kube
 from graft.placement import PlacementError, place
@@ -41,6 +42,7 @@ from graft.reconcile.common import Coalescer, status_patch
 from graft.status import (
     ConditionType,
     GangPhase,
+    GangState,
     Reason,
     derive_phase,
     gang_state,
@@ -119,6 +121,10 @@ def _deletion(
     return name, None
 
 
+def _deleting(pod: Mapping[str, Any]) -> bool:
+    return bool(pod["metadata"].get("deletionTimestamp"))
+
+
 def _spec_hash(spec: FineTuneJobSpec) -> str:
     return naming.spec_hash(spec.model_copy(update={"suspend": False}))
 
@@ -128,321 +134,457 @@ def _default_output(spec: FineTuneJobSpec) -> OutputStatus:
     return OutputStatus(uri=spec.output.uri, kind=kind)
 
 
-def decide(world: World, settings: Settings) -> Plan:
-    """The pure core of a pass."""
-    body = world.job
-    meta = body.get("metadata", {})
-    gen = meta.get("generation")
-    now = world.now
-    raw_status = {k: v for k, v in (body.get("status") or {}).items() if k != "graft"}
-    st = FineTuneJobStatus.model_validate(raw_status)
-    plan = Plan(status=st)
-    conds: list[Condition] = list(st.conditions)
+@dataclasses.dataclass
+class Draft:
+    """The working state of one ``decide``: the plan taking shape and what the steps learn.
 
-    def cond(type_: T, status: bool, reason: Reason | str, message: str) -> None:
-        nonlocal conds
-        conds = set_condition(
-            conds, make_condition(type_, status, reason, message, now=now, generation=gen)
+    Each step of ``decide`` takes the draft and returns it; a step that settles the pass
+    sets ``done`` and the remaining steps are skipped.
+    """
+
+    world: World
+    settings: Settings
+    plan: Plan
+    conds: list[Condition]
+    generation: int | None
+    done: bool = False
+    spec: FineTuneJobSpec | None = None
+    typed: FineTuneJob | None = None
+    attempt_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: Pods whose GPU time is not yet in completed_attempts_gpu_hours.
+    running: list[Mapping[str, Any]] = dataclasses.field(default_factory=list)
+    #: The pool's price per GPU-hour; None until the job is placed on a known pool.
+    price: float | None = None
+    pool: NodePool | None = None
+    gang: GangState | None = None
+
+    @property
+    def status(self) -> FineTuneJobStatus:
+        return self.plan.status
+
+    @property
+    def now(self) -> dt.datetime:
+        return self.world.now
+
+    def stamp(self) -> str:
+        return self.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def cond(self, type_: T, status: bool, reason: Reason | str, message: str) -> None:
+        self.conds = set_condition(
+            self.conds,
+            make_condition(
+                type_, status, reason, message, now=self.now, generation=self.generation
+            ),
         )
 
-    def is_(type_: T) -> bool:
-        return any(c.type == type_ and c.status == "True" for c in conds)
+    def is_(self, type_: T) -> bool:
+        return any(c.type == type_ and c.status == "True" for c in self.conds)
 
-    def event(kind: str, reason: str, message: str) -> None:
-        plan.events.append((kind, reason, message))
+    def has_reason(self, type_: T, reason: Reason) -> bool:
+        return any(c.type == type_ and c.reason == reason for c in self.conds)
 
-    # Pods whose GPU time is not yet in completed_attempts_gpu_hours; the pool for the price.
-    running: list[Mapping[str, Any]] = []
-    price: float | None = None
+    def event(self, kind: str, reason: str, message: str) -> None:
+        self.plan.events.append((kind, reason, message))
 
-    def finish() -> Plan:
-        st.conditions = conds
-        st.phase = derive_phase(conds)
-        st.observed_generation = gen
-        if st.placement is not None and price is not None:
-            # every path computes these the same way, so a pass that changes nothing else
-            # writes nothing
-            used = gpu_hours(running, st.placement.gpus_per_node, now)
-            st.gpu_hours = round(st.completed_attempts_gpu_hours + used, 4)
-            st.cost = round(st.gpu_hours * price, 2) if price else None
-        return plan
+    def stop(self) -> Draft:
+        self.done = True
+        return self
 
-    # 1. The spec: valid, and unchanged since the job started (suspend aside).
+    @property
+    def job(self) -> FineTuneJob:
+        assert self.typed is not None
+        return self.typed
+
+    @property
+    def placement(self) -> Placement:
+        assert self.status.placement is not None
+        return self.status.placement
+
+    def resume_from(self) -> str | None:
+        return self.status.last_checkpoint.uri if self.status.last_checkpoint else None
+
+    def gang_children(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The attempt's ConfigMap and the gang Service, applied before any of its Pods."""
+        job, st = self.job, self.status
+        cm = build.build_config_map(
+            job, self.placement, st.attempt, self.resume_from(), self.settings
+        )
+        return cm, build.build_gang_service(job)
+
+    def rank_pods(self) -> list[dict[str, Any]]:
+        assert self.pool is not None
+        st = self.status
+        return build.build_pods(
+            self.job,
+            self.placement,
+            self.pool,
+            st.attempt,
+            self.resume_from(),
+            self.settings,
+            avoid_nodes=list(st.avoid_nodes),
+        )
+
+    def tear_down(self, pods: Iterable[Mapping[str, Any]]) -> None:
+        """Delete ``pods`` and book their GPU time to the finished attempts."""
+        st = self.status
+        pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        self.running = []
+        done = gpu_hours(pods, self.placement.gpus_per_node, self.now)
+        st.completed_attempts_gpu_hours = round(st.completed_attempts_gpu_hours + done, 6)
+        self.plan.gpu_hours_done += done
+        self.plan.delete_pods.extend(_deletion(p, self.world.nodes) for p in pods)
+
+
+def decide(world: World, settings: Settings) -> Plan:
+    """The pure core of a pass: the steps below, in order, until one settles the pass."""
+    d = _begin(world, settings)
+    for step in (
+        admit,
+        settle_terminal,
+        place_gang,
+        suspend_or_resume,
+        start_attempt,
+        observe_gang,
+        recover,
+    ):
+        if d.done:
+            break
+        d = step(d)
+    return finish(d)
+
+
+def _begin(world: World, settings: Settings) -> Draft:
+    raw_status = {k: v for k, v in (world.job.get("status") or {}).items() if k != "graft"}
+    st = FineTuneJobStatus.model_validate(raw_status)
+    gen = world.job.get("metadata", {}).get("generation")
+    return Draft(world, settings, Plan(status=st), list(st.conditions), gen)
+
+
+def admit(d: Draft) -> Draft:
+    """The spec: valid, and unchanged since the job started (suspend aside).
+
+    A started job whose spec changed goes on with the spec it started with (recorded in
+    its ConfigMap; the first ``decide`` asks for it with ``needs_recorded_spec``).
+    """
+    st, body = d.status, d.world.job
     try:
-        spec = parse_spec(FineTuneJobSpec, body.get("spec") or {})
+        spec: FineTuneJobSpec | None = parse_spec(FineTuneJobSpec, body.get("spec") or {})
+        refusal = ""
     except InvalidSpec as e:
         if st.attempt == 0:
-            if not is_(T.FAILED):
-                event("Warning", Reason.INVALID_SPEC, str(e))
-            cond(T.ACCEPTED, False, Reason.INVALID_SPEC, str(e))
-            cond(T.FAILED, True, Reason.INVALID_SPEC, str(e))
-            return finish()
-        spec = None
-        refusal = str(e)
-    else:
-        refusal = ""
+            if not d.is_(T.FAILED):
+                d.event("Warning", Reason.INVALID_SPEC, str(e))
+            d.cond(T.ACCEPTED, False, Reason.INVALID_SPEC, str(e))
+            d.cond(T.FAILED, True, Reason.INVALID_SPEC, str(e))
+            return d.stop()
+        spec, refusal = None, str(e)
     if spec is not None and st.spec_hash and st.attempt > 0 and _spec_hash(spec) != st.spec_hash:
         refusal = "spec changes to a started job are refused (only spec.suspend may change)"
     if refusal:
-        if world.recorded_spec is None:
-            plan.needs_recorded_spec = True
-            return finish()
+        if d.world.recorded_spec is None:
+            d.plan.needs_recorded_spec = True
+            return d.stop()
         suspend = bool((body.get("spec") or {}).get("suspend", False))
-        spec = FineTuneJobSpec.model_validate({**world.recorded_spec, "suspend": suspend})
+        spec = FineTuneJobSpec.model_validate({**d.world.recorded_spec, "suspend": suspend})
         msg = (
             f"{refusal}; the job goes on with the spec it started with. Revert the change, "
             "or delete the job and create a new one."
         )
-        if not any(c.type == T.ACCEPTED and c.reason == Reason.SPEC_CHANGE_REFUSED for c in conds):
-            event("Warning", Reason.SPEC_CHANGE_REFUSED, msg)
-        cond(T.ACCEPTED, False, Reason.SPEC_CHANGE_REFUSED, msg)
+        if not d.has_reason(T.ACCEPTED, Reason.SPEC_CHANGE_REFUSED):
+            d.event("Warning", Reason.SPEC_CHANGE_REFUSED, msg)
+        d.cond(T.ACCEPTED, False, Reason.SPEC_CHANGE_REFUSED, msg)
     else:
-        assert spec is not None
-        if not is_(T.ACCEPTED):
-            event("Normal", "Accepted", "spec is valid")
-        cond(T.ACCEPTED, True, Reason.VALID, "spec is valid")
-    job = FineTuneJob(metadata=meta, spec=spec)
-    nodes = world.nodes
-    attempt_pods = [p for p in world.pods if _attempt_of(p) == st.attempt]
-    live_stale = [
-        p
-        for p in world.pods
-        if _attempt_of(p) != st.attempt and not p["metadata"].get("deletionTimestamp")
+        if not d.is_(T.ACCEPTED):
+            d.event("Normal", "Accepted", "spec is valid")
+        d.cond(T.ACCEPTED, True, Reason.VALID, "spec is valid")
+    d.spec = spec
+    d.typed = FineTuneJob(metadata=body.get("metadata", {}), spec=spec)
+    pods = d.world.pods
+    d.attempt_pods = [p for p in pods if _attempt_of(p) == st.attempt]
+    stale = [p for p in pods if _attempt_of(p) != st.attempt and not _deleting(p)]
+    d.plan.delete_pods += [_deletion(p, d.world.nodes) for p in stale]
+    return d
+
+
+def settle_terminal(d: Draft) -> Draft:
+    """A Succeeded or Failed job runs nothing more: make sure nothing still holds GPUs."""
+    if not (d.is_(T.SUCCEEDED) or d.is_(T.FAILED)):
+        return d
+    d.plan.delete_pods += [
+        _deletion(p, d.world.nodes)
+        for p in d.attempt_pods
+        if not _deleting(p) and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
     ]
-    plan.delete_pods += [_deletion(p, nodes) for p in live_stale]
+    return d.stop()
 
-    # 2. Terminal: nothing more to run; make sure nothing still holds GPUs.
-    if is_(T.SUCCEEDED) or is_(T.FAILED):
-        plan.delete_pods += [
-            _deletion(p, nodes)
-            for p in attempt_pods
-            if not p["metadata"].get("deletionTimestamp")
-            and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-        ]
-        return finish()
 
-    # 3. Placement, once.
+def place_gang(d: Draft) -> Draft:
+    """Placement, once per job; then the pool it names, its price and the live Pods."""
+    st = d.status
+    assert d.spec is not None
     if st.placement is None:
         try:
-            st.placement = place(spec.resources, settings.node_pools)
+            st.placement = place(d.spec.resources, d.settings.node_pools)
         except PlacementError as e:
             msg = f"{e.message}. Change spec.resources or the operator's nodePools."
-            if not any(c.type == T.ADMITTED and c.reason == Reason.UNSCHEDULABLE for c in conds):
-                event("Warning", Reason.UNSCHEDULABLE, msg)
-            cond(T.ADMITTED, False, Reason.UNSCHEDULABLE, msg)
-            return finish()
+            if not d.has_reason(T.ADMITTED, Reason.UNSCHEDULABLE):
+                d.event("Warning", Reason.UNSCHEDULABLE, msg)
+            d.cond(T.ADMITTED, False, Reason.UNSCHEDULABLE, msg)
+            return d.stop()
         p = st.placement
         msg = f"{p.nodes} node(s) x {p.gpus_per_node} GPU(s) on pool {p.node_pool}"
-        cond(T.ADMITTED, True, Reason.PLACED, msg)
-        event("Normal", Reason.PLACED, msg)
-    placement = st.placement
-    pool = settings.pool(placement.node_pool)
-    if pool is None:
-        msg = f"node pool {placement.node_pool!r} is no longer in the operator's nodePools"
-        cond(T.ADMITTED, False, Reason.UNSCHEDULABLE, msg)
-        return finish()
-    gpus = placement.gpus_per_node
-    price = pool.price_per_gpu_hour
-    running = [p for p in attempt_pods if not p["metadata"].get("deletionTimestamp")]
+        d.cond(T.ADMITTED, True, Reason.PLACED, msg)
+        d.event("Normal", Reason.PLACED, msg)
+    d.pool = d.settings.pool(st.placement.node_pool)
+    if d.pool is None:
+        msg = f"node pool {st.placement.node_pool!r} is no longer in the operator's nodePools"
+        d.cond(T.ADMITTED, False, Reason.UNSCHEDULABLE, msg)
+        return d.stop()
+    d.price = d.pool.price_per_gpu_hour
+    d.running = [p for p in d.attempt_pods if not _deleting(p)]
+    return d
 
-    def tear_down(pods: Iterable[Mapping[str, Any]]) -> None:
-        nonlocal running
-        pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-        running = []
-        done = gpu_hours(pods, gpus, now)
-        st.completed_attempts_gpu_hours = round(st.completed_attempts_gpu_hours + done, 6)
-        plan.gpu_hours_done += done
-        plan.delete_pods.extend(_deletion(p, nodes) for p in pods)
 
-    def start_attempt(why: str) -> None:
-        st.attempt += 1
-        st.restart_at = None
-        st.start_time = st.start_time or now.strftime("%Y-%m-%dT%H:%M:%SZ")
-        st.spec_hash = st.spec_hash or _spec_hash(spec)
-        resume = st.last_checkpoint.uri if st.last_checkpoint else None
-        plan.apply += build.build_trainer_identity(job, placement, st.attempt)
-        plan.apply.append(build.build_config_map(job, placement, st.attempt, resume, settings))
-        plan.apply.append(build.build_gang_service(job))
-        plan.create_pods += build.build_pods(
-            job, placement, pool, st.attempt, resume, settings, avoid_nodes=list(st.avoid_nodes)
-        )
-        frm = f" from checkpoint {resume}" if resume else ""
-        event("Normal", "AttemptStarted", f"attempt {st.attempt} ({why}){frm}")
-        # the same words gang_state uses for an all-pending gang: the next pass rewrites nothing
-        cond(T.RUNNING, False, Reason.NOT_ALL_RANKS_RUNNING, f"0/{placement.nodes} ranks running")
-        cond(T.GANG_PENDING, False, Reason.ALL_RANKS_SCHEDULED, "")
-        plan.requeue_after = float(settings.gang_pending_timeout_seconds) + 1
-
-    # 4. Suspend and resume.
-    if spec.suspend:
-        tear_down(attempt_pods)
-        if not is_(T.SUSPENDED):
-            event("Normal", Reason.SUSPENDED, "pods told to checkpoint and stop")
-        cond(
+def suspend_or_resume(d: Draft) -> Draft:
+    """spec.suspend: Pods told to checkpoint and stop; unsuspended: a restart without the count."""
+    assert d.spec is not None
+    if d.spec.suspend:
+        d.tear_down(d.attempt_pods)
+        if not d.is_(T.SUSPENDED):
+            d.event("Normal", Reason.SUSPENDED, "pods told to checkpoint and stop")
+        d.cond(
             T.SUSPENDED,
             True,
             Reason.SUSPENDED,
             "spec.suspend is true; set it to false to resume from the last checkpoint",
         )
-        cond(T.RUNNING, False, Reason.SUSPENDED, "suspended")
-        return finish()
-    if is_(T.SUSPENDED):
-        cond(T.SUSPENDED, False, Reason.RESUMED, "resumed")
-        if st.attempt > 0:
-            # like a restart without the count: the next attempt starts once the old is gone
-            st.restart_at = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        d.cond(T.RUNNING, False, Reason.SUSPENDED, "suspended")
+        return d.stop()
+    if d.is_(T.SUSPENDED):
+        d.cond(T.SUSPENDED, False, Reason.RESUMED, "resumed")
+        if d.status.attempt > 0:
+            # the next attempt starts once the old one is gone
+            d.status.restart_at = d.stamp()
+    return d
 
-    # 5. A new attempt: the first, or after the restart backoff.
+
+def start_attempt(d: Draft) -> Draft:
+    """A new attempt: the first, or one due after the restart backoff once the old is gone."""
+    st, now = d.status, d.now
     if st.attempt == 0:
-        start_attempt("first")
-        return finish()
-    if st.restart_at is not None:
-        due = parse_time(st.restart_at) or now
-        if now < due:
-            plan.requeue_after = (due - now).total_seconds()
-            return finish()
-        # Rank 0's DNS name and the GPUs move to the new attempt only once the old Pods
-        # are gone (their trainers checkpoint on SIGTERM within the grace period); a Pod
-        # that outlives the grace period by far is on a node nobody hears from: force it.
-        leftovers = [p for p in world.pods if (_attempt_of(p) or 0) <= st.attempt]
-        if leftovers:
-            overdue = (now - due).total_seconds() > settings.termination_grace_seconds + 30
-            if overdue:
-                plan.delete_pods += [(str(p["metadata"]["name"]), 0) for p in leftovers]
-            plan.requeue_after = 1.0
-            return finish()
-        start_attempt(f"restart {st.restarts}" if is_(T.RESTARTING) else "resumed after suspend")
-        return finish()
+        return _new_attempt(d, "first").stop()
+    if st.restart_at is None:
+        return d
+    due = parse_time(st.restart_at) or now
+    if now < due:
+        d.plan.requeue_after = (due - now).total_seconds()
+        return d.stop()
+    # Rank 0's DNS name and the GPUs move to the new attempt only once the old Pods are
+    # gone (their trainers checkpoint on SIGTERM within the grace period); a Pod that
+    # outlives the grace period by far is on a node nobody hears from: force it.
+    leftovers = [p for p in d.world.pods if (_attempt_of(p) or 0) <= st.attempt]
+    if leftovers:
+        if (now - due).total_seconds() > d.settings.termination_grace_seconds + 30:
+            d.plan.delete_pods += [(str(p["metadata"]["name"]), 0) for p in leftovers]
+        d.plan.requeue_after = 1.0
+        return d.stop()
+    why = f"restart {st.restarts}" if d.is_(T.RESTARTING) else "resumed after suspend"
+    return _new_attempt(d, why).stop()
 
-    # 6. Observe the running attempt.
-    gang = gang_state(
-        attempt_pods, nodes, settings.gang_pending_timeout_seconds, now, expected=placement.nodes
+
+def _new_attempt(d: Draft, why: str) -> Draft:
+    st, placement = d.status, d.placement
+    assert d.spec is not None
+    st.attempt += 1
+    st.restart_at = None
+    st.start_time = st.start_time or d.stamp()
+    st.spec_hash = st.spec_hash or _spec_hash(d.spec)
+    d.plan.apply += build.build_trainer_identity(d.job, placement, st.attempt)
+    d.plan.apply += d.gang_children()
+    d.plan.create_pods += d.rank_pods()
+    resume = d.resume_from()
+    frm = f" from checkpoint {resume}" if resume else ""
+    d.event("Normal", "AttemptStarted", f"attempt {st.attempt} ({why}){frm}")
+    # the same words gang_state uses for an all-pending gang: the next pass rewrites nothing
+    d.cond(T.RUNNING, False, Reason.NOT_ALL_RANKS_RUNNING, f"0/{placement.nodes} ranks running")
+    d.cond(T.GANG_PENDING, False, Reason.ALL_RANKS_SCHEDULED, "")
+    d.plan.requeue_after = float(d.settings.gang_pending_timeout_seconds) + 1
+    return d
+
+
+def observe_gang(d: Draft) -> Draft:
+    """The running attempt: rank 0's report, missing ranks re-created, and its phase
+    (running, pending or succeeded settle the pass; a failure goes on to ``recover``)."""
+    d.gang = gang = gang_state(
+        d.attempt_pods,
+        d.world.nodes,
+        d.settings.gang_pending_timeout_seconds,
+        d.now,
+        expected=d.placement.nodes,
     )
+    _roll_up_progress(d)
+    if gang.missing_ranks and not gang.failures:
+        # the operator stopped between creating Pods, or someone deleted an unstarted one
+        missing = set(gang.missing_ranks)
+        d.plan.apply += d.gang_children()
+        d.plan.create_pods += [
+            pod
+            for pod in d.rank_pods()
+            if int(pod["metadata"]["labels"][naming.LABEL_RANK]) in missing
+        ]
+    follow = {
+        GangPhase.RUNNING: _gang_running,
+        GangPhase.PENDING: _gang_pending,
+        GangPhase.SUCCEEDED: _gang_succeeded,
+    }.get(gang.phase)
+    return follow(d, gang).stop() if follow else d
+
+
+def _gang_running(d: Draft, gang: GangState) -> Draft:
+    st = d.status
+    if not d.is_(T.RUNNING):
+        d.event("Normal", "Running", gang.message)
+        if d.is_(T.RESTARTING) and st.last_failure and st.last_failure.time:
+            seen = parse_time(st.last_failure.time)
+            if seen is not None:
+                d.plan.recovery_seconds = (d.now - seen).total_seconds()
+    d.cond(T.RUNNING, True, Reason.ALL_RANKS_RUNNING, gang.message)
+    d.cond(T.GANG_PENDING, False, Reason.ALL_RANKS_SCHEDULED, "")
+    if d.is_(T.RESTARTING):
+        d.cond(T.RESTARTING, False, Reason.RESUMED, f"attempt {st.attempt} running")
+    return d
+
+
+def _gang_pending(d: Draft, gang: GangState) -> Draft:
+    d.cond(T.RUNNING, False, Reason.NOT_ALL_RANKS_RUNNING, gang.message)
+    if gang.gang_pending:
+        if not d.is_(T.GANG_PENDING):
+            d.event("Warning", Reason.RANKS_PENDING, gang.message)
+        d.cond(T.GANG_PENDING, True, Reason.RANKS_PENDING, gang.message)
+    else:
+        d.plan.requeue_after = float(d.settings.gang_pending_timeout_seconds) + 1
+    return d
+
+
+def _gang_succeeded(d: Draft, gang: GangState) -> Draft:
+    st = d.status
+    assert d.spec is not None
+    st.output = st.output or _default_output(d.spec)
+    gate = verdict(d.spec.evaluation, st.evaluation)
+    st.output.promotable = gate.promotable if gate else True
+    if gate is not None:
+        if st.evaluation is not None:
+            st.evaluation.passed = gate.passed
+        d.cond(T.EVALUATION_PASSED, gate.passed is not False, gate.reason, gate.message)
+    st.completion_time = d.stamp()
+    d.cond(T.RUNNING, False, Reason.COMPLETED, "all ranks finished")
+    d.cond(T.RESTARTING, False, Reason.COMPLETED, "")
+    d.cond(T.SUCCEEDED, True, Reason.COMPLETED, f"output written to {st.output.uri}")
+    d.event("Normal", Reason.COMPLETED, f"output written to {st.output.uri}")
+    d.plan.gpu_hours_done += gpu_hours(d.attempt_pods, d.placement.gpus_per_node, d.now)
+    return d
+
+
+def _roll_up_progress(d: Draft) -> None:
+    """Rank 0's progress report into status."""
+    st = d.status
     rank0 = next(
         (
             p
-            for p in attempt_pods
+            for p in d.attempt_pods
             if (p["metadata"].get("labels") or {}).get(naming.LABEL_RANK) == "0"
         ),
         None,
     )
-    if rank0 is not None:
-        upd = progress_from_annotation(
-            (rank0["metadata"].get("annotations") or {}).get(naming.ANNOTATION_PROGRESS)
+    if rank0 is None:
+        return
+    upd = progress_from_annotation(
+        (rank0["metadata"].get("annotations") or {}).get(naming.ANNOTATION_PROGRESS)
+    )
+    if upd.progress is not None:
+        st.progress = upd.progress
+        st.progress_summary = progress_summary(upd.progress.step, upd.progress.total_steps)
+    if upd.last_checkpoint is not None:
+        st.last_checkpoint = upd.last_checkpoint
+    if upd.data is not None:
+        st.data = upd.data
+    if upd.output is not None:
+        st.output = upd.output
+    if upd.evaluation is not None:
+        st.evaluation = upd.evaluation
+
+
+def recover(d: Draft) -> Draft:
+    """A failed attempt: tear it down, then fail the job or schedule a restart after backoff."""
+    st, now = d.status, d.now
+    assert d.gang is not None and d.spec is not None
+    failure = d.gang.failure
+    assert failure is not None
+    where = " ".join(
+        x
+        for x in (
+            f"rank {failure.rank}" if failure.rank is not None else "",
+            f"on node {failure.node}" if failure.node else "",
         )
-        if upd.progress is not None:
-            st.progress = upd.progress
-            st.progress_summary = progress_summary(upd.progress.step, upd.progress.total_steps)
-        if upd.last_checkpoint is not None:
-            st.last_checkpoint = upd.last_checkpoint
-        if upd.data is not None:
-            st.data = upd.data
-        if upd.output is not None:
-            st.output = upd.output
-        if upd.evaluation is not None:
-            st.evaluation = upd.evaluation
-
-    if gang.missing_ranks and not gang.failures:
-        # the operator stopped between creating Pods, or someone deleted an unstarted one
-        resume = st.last_checkpoint.uri if st.last_checkpoint else None
-        missing = set(gang.missing_ranks)
-        plan.apply.append(build.build_config_map(job, placement, st.attempt, resume, settings))
-        plan.apply.append(build.build_gang_service(job))
-        plan.create_pods += [
-            pod
-            for pod in build.build_pods(
-                job, placement, pool, st.attempt, resume, settings, avoid_nodes=list(st.avoid_nodes)
-            )
-            if int(pod["metadata"]["labels"][naming.LABEL_RANK]) in missing
-        ]
-
-    if gang.phase == GangPhase.RUNNING:
-        if not is_(T.RUNNING):
-            event("Normal", "Running", gang.message)
-            if is_(T.RESTARTING) and st.last_failure and st.last_failure.time:
-                seen = parse_time(st.last_failure.time)
-                if seen is not None:
-                    plan.recovery_seconds = (now - seen).total_seconds()
-        cond(T.RUNNING, True, Reason.ALL_RANKS_RUNNING, gang.message)
-        cond(T.GANG_PENDING, False, Reason.ALL_RANKS_SCHEDULED, "")
-        if is_(T.RESTARTING):
-            cond(T.RESTARTING, False, Reason.RESUMED, f"attempt {st.attempt} running")
-    elif gang.phase == GangPhase.PENDING:
-        cond(T.RUNNING, False, Reason.NOT_ALL_RANKS_RUNNING, gang.message)
-        if gang.gang_pending:
-            if not is_(T.GANG_PENDING):
-                event("Warning", Reason.RANKS_PENDING, gang.message)
-            cond(T.GANG_PENDING, True, Reason.RANKS_PENDING, gang.message)
-        else:
-            plan.requeue_after = float(settings.gang_pending_timeout_seconds) + 1
-    elif gang.phase == GangPhase.SUCCEEDED:
-        st.output = st.output or _default_output(spec)
-        gate = verdict(spec.evaluation, st.evaluation)
-        st.output.promotable = gate.promotable if gate else True
-        if gate is not None:
-            if st.evaluation is not None:
-                st.evaluation.passed = gate.passed
-            cond(T.EVALUATION_PASSED, gate.passed is not False, gate.reason, gate.message)
-        st.completion_time = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-        cond(T.RUNNING, False, Reason.COMPLETED, "all ranks finished")
-        cond(T.RESTARTING, False, Reason.COMPLETED, "")
-        cond(T.SUCCEEDED, True, Reason.COMPLETED, f"output written to {st.output.uri}")
-        event("Normal", Reason.COMPLETED, f"output written to {st.output.uri}")
-        plan.gpu_hours_done += gpu_hours(attempt_pods, gpus, now)
+        if x
+    )
+    st.last_failure = FailureRecord(
+        reason=str(failure.reason),
+        message=failure.message,
+        time=d.stamp(),
+        node=failure.node,
+        rank=failure.rank,
+    )
+    d.plan.detection_seconds = _detection_seconds(failure.node, d.attempt_pods, d.world.nodes, now)
+    d.tear_down(d.attempt_pods)
+    d.cond(T.RUNNING, False, failure.reason, failure.message)
+    policy = d.spec.restart_policy
+    if not failure.retryable:
+        msg = f"{where}: {failure.message}" if where else failure.message
+        d.cond(T.FAILED, True, failure.reason, msg)
+        d.cond(T.RESTARTING, False, failure.reason, "not retryable")
+        st.completion_time = d.stamp()
+        d.event("Warning", str(failure.reason), msg)
+    elif st.restarts >= policy.max_restarts:
+        msg = (
+            f"attempt {st.attempt} failed ({where}: {failure.message}) after "
+            f"{st.restarts} restart(s); raise spec.restartPolicy.maxRestarts "
+            "or fix the cause, then create the job again"
+        )
+        d.cond(T.FAILED, True, Reason.MAX_RESTARTS_EXCEEDED, msg)
+        d.cond(T.RESTARTING, False, Reason.MAX_RESTARTS_EXCEEDED, "")
+        st.completion_time = d.stamp()
+        d.event("Warning", Reason.MAX_RESTARTS_EXCEEDED, msg)
     else:
-        failure = gang.failure
-        assert failure is not None
-        where = " ".join(
-            x
-            for x in (
-                f"rank {failure.rank}" if failure.rank is not None else "",
-                f"on node {failure.node}" if failure.node else "",
-            )
-            if x
+        delay = next_backoff(st.restarts, policy)
+        st.restarts += 1
+        st.restart_at = (now + dt.timedelta(seconds=delay)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        st.avoid_nodes = sorted(set(st.avoid_nodes) | set(d.gang.failed_nodes))[-16:]
+        ck = st.last_checkpoint
+        frm = f"checkpoint step {ck.step}" if ck else "the start (no checkpoint yet)"
+        msg = (
+            f"{where}: {failure.message}; restart {st.restarts}/{policy.max_restarts} "
+            f"in {delay}s from {frm}"
         )
-        st.last_failure = FailureRecord(
-            reason=str(failure.reason),
-            message=failure.message,
-            time=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            node=failure.node,
-            rank=failure.rank,
-        )
-        plan.detection_seconds = _detection_seconds(failure.node, attempt_pods, nodes, now)
-        tear_down(attempt_pods)
-        cond(T.RUNNING, False, failure.reason, failure.message)
-        policy = spec.restart_policy
-        if not failure.retryable:
-            msg = f"{where}: {failure.message}" if where else failure.message
-            cond(T.FAILED, True, failure.reason, msg)
-            cond(T.RESTARTING, False, failure.reason, "not retryable")
-            st.completion_time = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-            event("Warning", str(failure.reason), msg)
-        elif st.restarts >= policy.max_restarts:
-            msg = (
-                f"attempt {st.attempt} failed ({where}: {failure.message}) after "
-                f"{st.restarts} restart(s); raise spec.restartPolicy.maxRestarts "
-                "or fix the cause, then create the job again"
-            )
-            cond(T.FAILED, True, Reason.MAX_RESTARTS_EXCEEDED, msg)
-            cond(T.RESTARTING, False, Reason.MAX_RESTARTS_EXCEEDED, "")
-            st.completion_time = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-            event("Warning", Reason.MAX_RESTARTS_EXCEEDED, msg)
-        else:
-            delay = next_backoff(st.restarts, policy)
-            st.restarts += 1
-            st.restart_at = (now + dt.timedelta(seconds=delay)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            st.avoid_nodes = sorted(set(st.avoid_nodes) | set(gang.failed_nodes))[-16:]
-            ck = st.last_checkpoint
-            frm = f"checkpoint step {ck.step}" if ck else "the start (no checkpoint yet)"
-            msg = (
-                f"{where}: {failure.message}; restart {st.restarts}/{policy.max_restarts} "
-                f"in {delay}s from {frm}"
-            )
-            cond(T.RESTARTING, True, failure.reason, msg)
-            event("Warning", str(failure.reason), msg)
-            plan.restart_reason = str(failure.reason)
-            plan.requeue_after = max(float(delay), 0.05)
-    return finish()
+        d.cond(T.RESTARTING, True, failure.reason, msg)
+        d.event("Warning", str(failure.reason), msg)
+        d.plan.restart_reason = str(failure.reason)
+        d.plan.requeue_after = max(float(delay), 0.05)
+    return d.stop()
+
+
+def finish(d: Draft) -> Plan:
+    """Conditions, phase and GPU accounting into the status, the same way on every path,
+    so a pass that changes nothing else writes nothing."""
+    st = d.status
+    st.conditions = d.conds
+    st.phase = derive_phase(d.conds)
+    st.observed_generation = d.generation
+    if st.placement is not None and d.price is not None:
+        used = gpu_hours(d.running, st.placement.gpus_per_node, d.now)
+        st.gpu_hours = round(st.completed_attempts_gpu_hours + used, 4)
+        st.cost = round(st.gpu_hours * d.price, 2) if d.price else None
+    return d.plan
 
 
 def _detection_seconds(
