@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --once: the model to ask (default: the first adapter, else the base)",
     )
     serve.add_argument("--max-tokens", type=_positive_int, default=48, help="with --once")
+    serve.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="require an API key (Authorization: Bearer KEY) listed in FILE, one per line",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="show Ray's logs")
 
     plan = sub.add_parser(
@@ -166,7 +171,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, console: Console) -> int:
-    from graft.local.serve import DeployError, ServeOptions, ask, local_service
+    from graft.local.serve import DeployError, ServeOptions, ask, local_service, read_api_keys
     from graft.local.spec import load_service
 
     try:
@@ -179,7 +184,14 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
         host=args.host,
         port=args.port,
         verbose=args.verbose,
+        api_key_file=args.api_key_file,
     )
+    key = None
+    if args.api_key_file is not None:
+        try:
+            key = read_api_keys(args.api_key_file)[0]
+        except SpecError as e:
+            return _err(console, str(e))
     console.print(f"[bold]graft serve[/] {svc.name}: starting Ray Serve...")
     t0 = time.monotonic()
     try:
@@ -193,11 +205,15 @@ def cmd_serve(args: argparse.Namespace, console: Console) -> int:
             )
             if args.once is not None:
                 model = args.model or (live.adapters[0] if live.adapters else live.model)
-                answer = ask(live.endpoint, model, args.once, max_tokens=args.max_tokens)
+                answer = ask(
+                    live.endpoint, model, args.once, max_tokens=args.max_tokens, api_key=key
+                )
                 print(json.dumps({"model": model, "question": args.once, "answer": answer}))
                 return 0
+            auth = " -H 'Authorization: Bearer <a key from the file>'" if key else ""
             console.print(
-                f"Try: curl {live.endpoint}/chat/completions -H 'Content-Type: application/json'"
+                f"Try: curl {live.endpoint}/chat/completions{auth}"
+                " -H 'Content-Type: application/json'"
                 f' -d \'{{"model": "{live.model}", "messages": [{{"role": "user", '
                 '"content": "hello"}]}\''
             )

@@ -42,6 +42,8 @@ class ServeOptions:
     port: int = DEFAULT_PORT
     verbose: bool = False
     deploy_timeout: float = 600.0
+    #: A file of API keys, one per line (``graft serve --api-key-file``); None: no keys.
+    api_key_file: Path | None = None
 
 
 @dataclass
@@ -121,10 +123,25 @@ def local_config(
             f"replicas ask for {wanted:g} GPU(s) and this machine has {gpus:g}: serving on "
             "CPU with the transformers engine"
         )
+    if opts.api_key_file is not None:
+        app["args"]["apiKeyFile"] = str(opts.api_key_file.absolute())
     if "memory" in actor:
         del actor["memory"]
         notes.append("resources.memory ignored locally (Ray would wait for that much)")
     return cfg, notes
+
+
+def read_api_keys(path: Path) -> list[str]:
+    """The keys in an ``--api-key-file``; SpecError when it cannot serve as one."""
+    from graft.runtime.serve.auth import parse_keys
+
+    try:
+        keys = parse_keys(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"--api-key-file {path}: cannot read it ({e})") from e
+    if not keys:
+        raise SpecError(f"--api-key-file {path}: no key in it; put one API key per line")
+    return keys
 
 
 def _with_name(svc: ServiceFile) -> Any:
@@ -143,6 +160,8 @@ def local_service(svc: ServiceFile, opts: ServeOptions | None = None) -> Iterato
 
     opts = opts or ServeOptions()
     adapters = resolve_adapters(svc, opts)
+    if opts.api_key_file is not None:
+        read_api_keys(opts.api_key_file)
     env = {
         "GRAFT_PVC_ROOT": str(opts.pvc_root.absolute()),
         "TOKENIZERS_PARALLELISM": "false",
@@ -207,11 +226,15 @@ def wait_running(timeout: float) -> None:
     raise DeployError(f"the application was not RUNNING after {timeout:.0f}s (last: {status})")
 
 
-def ask(endpoint: str, model: str, question: str, *, max_tokens: int = 48) -> str:
+def ask(
+    endpoint: str, model: str, question: str, *, max_tokens: int = 48, api_key: str | None = None
+) -> str:
     """One chat question through the OpenAI API (the official client), greedy."""
     import openai
 
-    client = openai.OpenAI(base_url=endpoint, api_key="unused", max_retries=2, timeout=300)
+    client = openai.OpenAI(
+        base_url=endpoint, api_key=api_key or "unused", max_retries=2, timeout=300
+    )
     resp = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": question}],

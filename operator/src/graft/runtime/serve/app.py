@@ -11,6 +11,7 @@ come and go without restarting replicas (or the Ray cluster).
 # and Serve's ingress wrapper cannot resolve string annotations such as "Request".
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from graft.runtime.serve import storage
+from graft.runtime.serve.auth import ApiKeys, bearer
 from graft.runtime.serve.engine import make_engine, resolve_engine_name
 from graft.runtime.serve.metrics import Metrics
 from graft.runtime.serve.protocol import OpenAIError
@@ -30,6 +32,10 @@ from graft.runtime.serve.service import OpenAIService
 log = logging.getLogger("graft.serve")
 
 DEPLOYMENT_NAME = "LLMServer"
+ADAPTER_LOAD_FAILED = "failed to load; see the replica's log"
+ADAPTER_NAME_TAKEN = "adapter name equals the served model name"
+#: 4 MiB holds a 128k-token prompt several times over, JSON escaping included.
+MAX_REQUEST_BYTES = 4 * 2**20
 
 
 class _Args(BaseModel):
@@ -49,6 +55,10 @@ class ServeArgs(_Args):
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     max_batch_size: int = Field(default=8, ge=1)
+    #: Largest request body accepted; a bigger one is refused (413) before it is read whole.
+    max_request_bytes: int = Field(default=MAX_REQUEST_BYTES, ge=1024)
+    #: A file of API keys, one per line; unset: the endpoint takes no key.
+    api_key_file: str | None = None
 
 
 class AdapterSpec(_Args):
@@ -74,6 +84,39 @@ async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
         e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None
     )
     return JSONResponse(err.body(), status_code=e.status_code)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, e: Exception) -> Response:
+    # The client gets OpenAI's shape and no exception text (it can carry paths and
+    # internals); the replica's log has the traceback.
+    log.error("unhandled error in a request", exc_info=e)
+    err = OpenAIError(500, "The server had an error processing the request.", type_="server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it passes ``limit`` bytes."""
+
+    def too_large() -> OpenAIError:
+        return OpenAIError(
+            413,
+            f"The request body is larger than this server's limit of {limit} bytes; "
+            "send a shorter prompt or fewer prompts per request.",
+            code="request_too_large",
+        )
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _assigned_gpus() -> float:
@@ -116,6 +159,27 @@ class LLMServer:
         )
         self._uris: dict[str, str] = {}
         self._failed: dict[str, str] = {}
+        self._keys = ApiKeys(Path(self._args.api_key_file)) if self._args.api_key_file else None
+
+    def _authorize(self, request: Request) -> None:
+        """A 401 in OpenAI's shape unless the request carries an accepted API key."""
+        if self._keys is None:
+            return
+        key = bearer(request.headers.get("authorization"))
+        if key is None:
+            raise OpenAIError(
+                401,
+                "You didn't provide an API key. Pass it in an Authorization header "
+                "(Authorization: Bearer YOUR_KEY); the OpenAI clients send their api_key so.",
+                code="invalid_api_key",
+            )
+        if not self._keys.accepts(key):
+            raise OpenAIError(
+                401,
+                "Incorrect API key provided. Ask the ModelService's owner for a key listed "
+                "in its spec.auth.apiKeySecretRef Secret.",
+                code="invalid_api_key",
+            )
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Bring the loaded adapters in line with the user_config.
@@ -139,14 +203,16 @@ class LLMServer:
             try:
                 path = storage.resolve(uri)
                 await self._engine.add_adapter(name, path)
-            except Exception as e:
+            except Exception:
+                # The reason stays in the replica's log: /readyz is reachable by every
+                # client and exception text can name paths and internals.
                 log.exception("adapter %s from %s failed to load", name, uri)
-                self._failed[name] = f"{type(e).__name__}: {e}"
+                self._failed[name] = ADAPTER_LOAD_FAILED
                 continue
             self._uris[name] = uri
             self._failed.pop(name, None)
         if self._args.model.name in wanted:
-            self._failed[self._args.model.name] = "adapter name equals the served model name"
+            self._failed[self._args.model.name] = ADAPTER_NAME_TAKEN
 
     def check_health(self) -> None:
         self._engine.check_health()
@@ -158,12 +224,20 @@ class LLMServer:
 
     @api.get("/healthz")
     async def healthz(self) -> Response:
-        self._engine.check_health()
+        try:
+            self._engine.check_health()
+        except Exception:
+            log.exception("health check failed")
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @api.get("/readyz")
     async def readyz(self) -> Response:
-        self._engine.check_health()
+        try:
+            self._engine.check_health()
+        except Exception:
+            log.exception("readiness check failed")
+            return JSONResponse({"ready": False}, status_code=503)
         return JSONResponse(
             {
                 "ready": True,
@@ -177,20 +251,26 @@ class LLMServer:
         )
 
     @api.get("/v1/models")
-    async def list_models(self) -> Response:
+    async def list_models(self, request: Request) -> Response:
+        self._authorize(request)
         return JSONResponse(self._service.models(), headers={"x-graft-replica": self._replica})
 
     @api.get("/v1/models/{name}")
-    async def get_model(self, name: str) -> Response:
+    async def get_model(self, name: str, request: Request) -> Response:
+        self._authorize(request)
         return JSONResponse(self._service.model_card(name))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._service.completions(await request.body())
+        self._authorize(request)
+        return await self._service.completions(
+            await read_body(request, self._args.max_request_bytes)
+        )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._service.chat(await request.body())
+        self._authorize(request)
+        return await self._service.chat(await read_body(request, self._args.max_request_bytes))
 
 
 def build_app(args: dict[str, Any]) -> Application:

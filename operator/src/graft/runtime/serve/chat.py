@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from graft.prompts import STOP, generation_prompt
+from graft.runtime.serve.protocol import ContentPart
 
 
-def message_text(content: Any) -> str:
+def message_text(content: str | list[ContentPart] | None) -> str:
     """OpenAI content is a string or a list of parts; only text parts are supported."""
     if content is None:
         return ""
@@ -19,9 +20,9 @@ def message_text(content: Any) -> str:
         return content
     texts: list[str] = []
     for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise ValueError("only text content parts are supported")
-        texts.append(str(part.get("text", "")))
+        if part.type != "text":
+            raise ValueError(f"only text content parts are supported, not {part.type!r}")
+        texts.append(part.text)
     return "".join(texts)
 
 

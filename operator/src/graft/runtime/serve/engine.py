@@ -46,6 +46,28 @@ class GenerationDelta:
     finish_reason: FinishReason | None = None
 
 
+def chars_per_token_bound(tok: Any) -> int:
+    """At least how many characters of text one token can stand for.
+
+    Byte-level BPE spells a token's bytes one character per byte, SentencePiece one
+    character per character, so a vocabulary entry is never shorter than the text it
+    encodes; the factor 4 covers normalizers that fold several characters into one.
+    """
+    try:
+        longest = max((len(t) for t in tok.get_vocab()), default=1)
+    except Exception:
+        # A slow tokenizer without a vocabulary listing: assume long tokens.
+        longest = 64
+    return 4 * max(longest, 1)
+
+
+def prompt_too_long(max_model_len: int, chars: int) -> EngineError:
+    return EngineError(
+        f"This model's maximum context length is {max_model_len} tokens and the prompt "
+        f"has {chars} characters, more than that many tokens can hold. Shorten the prompt."
+    )
+
+
 class Engine(Protocol):
     """What the OpenAI layer needs from an inference engine."""
 

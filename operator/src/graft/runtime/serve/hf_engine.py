@@ -17,15 +17,24 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graft.runtime.serve.engine import EngineError, FinishReason, GenerationDelta, GenerationRequest
+from graft.runtime.serve.engine import (
+    EngineError,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    chars_per_token_bound,
+    prompt_too_long,
+)
 
 log = logging.getLogger(__name__)
 
 _REPLACEMENT = "\ufffd"
+_GREEDY_BELOW = 1e-5
 
 
 @dataclass(eq=False)
@@ -33,6 +42,7 @@ class _Pending:
     request: GenerationRequest
     prompt_ids: list[int]
     max_new: int
+    generator: Any
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[GenerationDelta | BaseException]
     cancelled: bool = False
@@ -88,6 +98,10 @@ class TransformersEngine:
         self._queue: deque[_Pending] = deque()
         self._stopping = False
         self._dead: BaseException | None = None
+        self._max_prompt_chars = self._max_model_len * chars_per_token_bound(self._tok)
+        # One thread: a fast tokenizer's Rust object is not meant for concurrent calls, and
+        # the length check above bounds how long one call can take.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="graft-tokenize")
         self._thread = threading.Thread(target=self._run, name="graft-engine", daemon=True)
         self._thread.start()
 
@@ -148,14 +162,21 @@ class TransformersEngine:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         self.check_health()
         if request.adapter is not None and request.adapter not in self.adapters():
             raise EngineError(f"adapter {request.adapter!r} is not loaded")
-        ids: list[int] = self._tok(request.prompt, add_special_tokens=request.add_special_tokens)[
-            "input_ids"
-        ]
+        if len(request.prompt) > self._max_prompt_chars:
+            # No tokenizer run needed: even at the longest token in the vocabulary the
+            # prompt cannot fit, and tokenizing megabytes would hold a thread for seconds.
+            raise prompt_too_long(self._max_model_len, len(request.prompt))
+        gen = self._generator(request.seed)
+        loop = asyncio.get_running_loop()
+        ids: list[int] = await loop.run_in_executor(
+            self._tokenize_pool, self._tokenize, request.prompt, request.add_special_tokens
+        )
         if not ids:
             if self._tok.bos_token_id is None:
                 raise EngineError("the prompt is empty")
@@ -168,7 +189,7 @@ class TransformersEngine:
                 f"However, you requested {len(ids) + max(max_new, 0)} tokens ({len(ids)} in "
                 f"the prompt, {max(max_new, 0)} for the completion)."
             )
-        pending = _Pending(request, ids, max_new, asyncio.get_running_loop(), asyncio.Queue())
+        pending = _Pending(request, ids, max_new, gen, loop, asyncio.Queue())
         with self._cv:
             self._queue.append(pending)
             self._cv.notify()
@@ -182,6 +203,10 @@ class TransformersEngine:
                     return
         finally:
             pending.cancelled = True
+
+    def _tokenize(self, prompt: str, add_special_tokens: bool) -> list[int]:
+        ids: list[int] = self._tok(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        return ids
 
     def _run(self) -> None:
         while True:
@@ -255,7 +280,7 @@ class TransformersEngine:
                 attn[i, width - len(p.prompt_ids) :] = 1
             input_ids, attn = input_ids.to(self._device), attn.to(self._device)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            gens = [self._generator(p.request.seed) for p in batch]
+            gens = [p.generator for p in batch]
             from transformers import DynamicCache
 
             # The cache is updated in place by every forward, so one object serves the batch.
@@ -287,29 +312,46 @@ class TransformersEngine:
                 logits = out.logits[:, -1, :]
 
     def _generator(self, seed: int | None) -> Any:
+        """The request's own random generator, made before it joins a batch: a seed that
+        torch refuses fails only the request that sent it."""
         g = self._torch.Generator(device=self._device)
         if seed is None:
             g.seed()
-        else:
+            return g
+        try:
             g.manual_seed(seed)
+        except (RuntimeError, OverflowError, TypeError, ValueError) as e:
+            raise EngineError(f"seed {seed} is not usable: give an integer in 0..2^63-1") from e
         return g
 
     def _sample(self, logits: Any, rows: list[_Pending], gens: list[Any]) -> Any:
-        torch = self._torch
         tokens = logits.argmax(dim=-1)
         for i, p in enumerate(rows):
             t, top_p = p.request.temperature, p.request.top_p
-            if t <= 0:
+            # vLLM's rule: a temperature this close to zero is greedy decoding (dividing by
+            # it would overflow the logits to inf).
+            if t <= _GREEDY_BELOW:
                 continue
-            probs = torch.softmax(logits[i].float() / t, dim=-1)
-            if top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                # Keep the smallest prefix whose mass reaches top_p (always at least one).
-                drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-                sorted_p[drop] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            tokens[i] = torch.multinomial(probs, 1, generator=gens[i])[0]
+            try:
+                tokens[i] = self._sample_row(logits[i], t, top_p, gens[i])
+            except Exception as e:
+                # One row's sampling failing (NaN parameters, for example) ends that row
+                # only; the others in the batch carry on.
+                log.warning("request %s: sampling failed: %r", p.request.request_id, e)
+                p.send(EngineError(f"sampling failed for this request's parameters: {e}"))
+                p.cancelled = True
         return tokens
+
+    def _sample_row(self, logits: Any, t: float, top_p: float, gen: Any) -> Any:
+        torch = self._torch
+        probs = torch.softmax(logits.float() / t, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one).
+            drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=gen)[0]
 
     def _advance(self, p: _Pending, token: int) -> bool:
         """Add one token to a row, send what can be sent; True when the row is finished."""

@@ -9,11 +9,26 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from graft.runtime.serve.engine import FinishReason
+
+#: ``seed`` is a signed 64-bit integer in OpenAI's API; torch's generators take no more.
+SEED_MAX = 2**63 - 1
+#: Prompts in one ``/v1/completions`` request; each is a generation of its own.
+MAX_PROMPTS = 16
+#: Messages in one chat request, and stop strings' length: bounds on work per request.
+MAX_MESSAGES = 1024
+MAX_STOP_CHARS = 256
 
 
 class OpenAIError(Exception):
@@ -66,10 +81,14 @@ class _Request(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1)
-    stop: str | list[str] | None = None
+    stop: (
+        Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+        | list[Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]]
+        | None
+    ) = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -127,6 +146,11 @@ class CompletionRequest(_Request):
     def _prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and len(v) > MAX_PROMPTS:
+            raise ValueError(
+                f"at most {MAX_PROMPTS} prompts per request ({len(v)} given); "
+                "send the rest in further requests"
+            )
         return v
 
     @field_validator("echo")
@@ -151,15 +175,24 @@ class CompletionRequest(_Request):
         return super().limit() or 16
 
 
+class ContentPart(BaseModel):
+    """A part of a message's content; only ``{"type": "text", "text": ...}`` is served."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str = ""
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     tools: list[Any] | None = None
 
     @field_validator("tools")
@@ -170,19 +203,38 @@ class ChatCompletionRequest(_Request):
         return v
 
 
+def _is_type_tag(part: int | str) -> bool:
+    # pydantic names the member of a union it tried ("str", "list[ContentPart]"); the
+    # client wants the field's path only.
+    return isinstance(part, str) and (
+        "[" in part or part in ("str", "int", "float", "bool", "none", "function-after")
+    )
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse(body: bytes, model: type[_R]) -> _R:
     """Parse a request body; any problem is a 400 in OpenAI's shape naming the field."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # NaN and Infinity are not JSON; Python accepts them unless told not to, and a NaN
+        # temperature would pass every bound check.
+        data = json.loads(body, parse_constant=_no_constant)
+    except RecursionError as e:
+        raise OpenAIError(400, "The request body is nested too deeply.") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        # ValueError also covers integers longer than Python's int/str conversion limit.
         raise OpenAIError(400, f"The request body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
     try:
         return model.model_validate(data)
+    except RecursionError as e:
+        raise OpenAIError(400, "The request body is nested too deeply.") from e
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(x) for x in first["loc"]) or None
+        param = ".".join(str(x) for x in first["loc"] if not _is_type_tag(x)) or None
         raise OpenAIError(400, f"Invalid request: {param}: {first['msg']}", param=param) from e
 
 

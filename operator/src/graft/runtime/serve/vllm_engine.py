@@ -14,6 +14,7 @@ same on CPU and GPU.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import itertools
 import json
@@ -21,7 +22,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from graft.runtime.serve.engine import EngineError, GenerationDelta, GenerationRequest
+from graft.runtime.serve.engine import (
+    EngineError,
+    GenerationDelta,
+    GenerationRequest,
+    chars_per_token_bound,
+    prompt_too_long,
+)
 
 _MAX_LORAS = 8
 
@@ -57,6 +64,7 @@ class VllmEngine:
         )
         self._engine: Any = vllm.AsyncLLMEngine.from_engine_args(engine_args)
         self._max_model_len = int(max_model_len or self._engine_max_len(model_dir))
+        self._max_prompt_chars = self._max_model_len * chars_per_token_bound(self._tok)
         self._loras: dict[str, Any] = {}
         self._ids = itertools.count(1)
 
@@ -115,11 +123,13 @@ class VllmEngine:
             seed=request.seed,
             output_kind=sp.RequestOutputKind.DELTA,
         )
+        if len(request.prompt) > self._max_prompt_chars:
+            raise prompt_too_long(self._max_model_len, len(request.prompt))
         prompt: Any = {"prompt": request.prompt}
         if not request.add_special_tokens:
-            prompt = {
-                "prompt_token_ids": self._tok(request.prompt, add_special_tokens=False)["input_ids"]
-            }
+            # Off the event loop: every other request's stream runs on it.
+            ids = await asyncio.to_thread(self._tok, request.prompt, add_special_tokens=False)
+            prompt = {"prompt_token_ids": ids["input_ids"]}
         try:
             completion = 0
             async for out in self._engine.generate(
