@@ -142,3 +142,57 @@ def test_evaluation_baseline_stages_final_and_gate(
     states = sorted((tmp_path / "ckpt").glob("*/trainer_state.json"))
     saved = json.loads(states[-1].read_text())["evaluation"]
     assert saved["baseline"] == base and len(saved["stages"]) == 2
+
+    # TensorBoard event files next to the checkpoints, read back with TensorBoard's reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "ckpt" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/learning_rate",
+        "train/tokens_per_second",
+        "eval/perplexity",
+        "eval/score",
+        "eval/manuals/perplexity",
+        "eval/facts/score",
+    } <= tags
+    # One x axis across both stages: 10 steps each, evaluations at 0, 10 and 20.
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
+    assert [e.step for e in acc.Scalars("eval/perplexity")] == [0, 10, 20]
+    assert acc.Scalars("eval/perplexity")[0].value == pytest.approx(base["perplexity"], rel=1e-3)
+
+
+def test_sft_loss_on_answer_positions_equals_the_full_loss(assets: dict[str, Path]) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from graft.runtime.train.loop import accepts_logits_to_keep, loss_positions
+
+    torch.manual_seed(0)
+    base: Any = AutoModelForCausalLM.from_pretrained(str(assets["base"]))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert accepts_logits_to_keep(model)
+    ids = torch.randint(3, 200, (3, 24))
+    att = torch.ones_like(ids)
+    att[2, 18:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 10:20] = ids[0, 10:20]
+    labels[1, 5:9] = ids[1, 5:9]
+    labels[2, 12:18] = ids[2, 12:18]
+    k = int((labels[:, 1:] != -100).sum())
+    extra = loss_positions(labels)
+    assert len(extra["logits_to_keep"]) < ids.shape[1] - 5  # prompt positions dropped
+    losses, grads = [], []
+    for kwargs in ({}, extra):
+        model.zero_grad()
+        out = model(
+            input_ids=ids, attention_mask=att, labels=labels, num_items_in_batch=k, **kwargs
+        )
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for g0, g1 in zip(*grads, strict=True):
+        assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6)

@@ -355,6 +355,11 @@ def run_job(
         f"[dim]trainer log: {rdir / 'trainer.log'}   state: {st.state_path(workdir, job.name)}[/]",
         soft_wrap=True,
     )
+    if ckpt_path is not None:
+        # The trainer writes TensorBoard event files next to its checkpoints (curves.py).
+        tb = ckpt_path / "tensorboard"
+        record["tensorboard"] = str(tb)
+        console.print(f"[dim]curves: tensorboard --logdir {tb}[/]", soft_wrap=True)
 
     rdir.mkdir(parents=True, exist_ok=True)
     tlog = _TrainerLog(rdir / "trainer.log", console if opts.verbose else None)

@@ -51,6 +51,11 @@ from graft.runtime.train.tokens import IGNORE_INDEX, encode_sft, render_chat
 
 log = logging.getLogger(__name__)
 
+#: Questions answered together by greedy decoding.
+QA_BATCH = 32
+#: Answers kept per qa set in the report (the progress JSON stays small).
+EXAMPLES = 4
+
 
 @dataclass(frozen=True)
 class QAItem:
@@ -266,7 +271,11 @@ def greedy(
     ids, att = ids.to(device), att.to(device)
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     with autocast(device, precision):
-        out = module(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+        # Only the last position's logits are needed: the full [batch, length, vocab] tensor
+        # would cost as much as the model body for a small model with a large vocabulary.
+        out = module(
+            input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
     # transformers 5.x names the KV cache ``cache``; 4.x ``past_key_values``.
     cache_kw = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
     cache = getattr(out, cache_kw)
@@ -384,7 +393,9 @@ class Evaluator:
                     sums[i, 0], sums[i, 1] = ls, c
                     continue
                 got: list[Answer] = []
-                per = max(self.micro_batch, 8)
+                # A decode step reads every weight once whatever the batch, so large batches
+                # cost little more per step than small ones.
+                per = max(self.micro_batch, QA_BATCH)
                 for batch in _share(len(s.questions), rank, world, per):
                     chosen = batch or [0]
                     gen = greedy(
@@ -426,6 +437,16 @@ class Evaluator:
                         "name": s.name,
                         "score": round(right / n, 4) if n else None,
                         "questions": int(n),
+                        # A few of this rank's answers, for people reading the report.
+                        "examples": [
+                            {
+                                "question": a.question[:200],
+                                "expected": a.expected[0][:200],
+                                "answer": a.answer[:300],
+                                "right": a.right,
+                            }
+                            for a in answers.get(s.name, [])[:EXAMPLES]
+                        ],
                     }
                 )
             else:

@@ -11,6 +11,7 @@ communication needed).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from graft.api.finetunejob import Precision, Scheduler
-from graft.runtime.train.tokens import PreparedData
+from graft.runtime.train.tokens import IGNORE_INDEX, PreparedData
 
 
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
@@ -55,6 +56,37 @@ def make_scheduler(
         name, opt, num_warmup_steps=min(warmup, total), num_training_steps=total
     )
     return sched
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under the DDP/FSDP/peft wrappers takes ``logits_to_keep``."""
+    m: Any = model
+    for _ in range(8):
+        if isinstance(getattr(m, "module", None), torch.nn.Module):
+            m = m.module
+        elif callable(getattr(m, "get_base_model", None)):
+            m = m.get_base_model()
+        else:
+            break
+    try:
+        return "logits_to_keep" in inspect.signature(m.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward arguments that compute logits only where some row has a loss token.
+
+    SFT puts loss on the answers only, yet a causal LM projects every position onto the
+    vocabulary; for a small model with a large vocabulary (SmolLM2: 49k) that projection and
+    its cross-entropy cost about as much as a third of the model. ``logits_to_keep`` keeps
+    the positions whose next token carries loss in any row of the batch, and ``shift_labels``
+    are those next tokens, so the loss (a sum over the same tokens, divided by the same
+    count) is unchanged.
+    """
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = (shifted != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
 
 
 @dataclass(frozen=True)
@@ -153,6 +185,7 @@ def train_steps(
     device = spec.device
     non_blocking = device.type == "cuda"
     amp = autocast(device, spec.precision)
+    select = spec.data.kind == "sft" and accepts_logits_to_keep(model)
     model.train()
     step = start
     t0 = time.perf_counter()
@@ -163,6 +196,8 @@ def train_steps(
         total = torch.zeros((), device=device)
         for m in range(accum):
             batch = spec.data.batch(mine[m * mb : (m + 1) * mb])
+            if select:
+                batch.update(loss_positions(batch["labels"]))
             b = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
             last = m == accum - 1
             with contextlib.nullcontext() if last else _no_sync(model), amp:

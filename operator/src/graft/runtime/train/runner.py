@@ -47,6 +47,7 @@ from graft.runtime.train.config import (
     parse_job_config,
     resolve,
 )
+from graft.runtime.train.curves import Curves
 from graft.runtime.train.data import list_files
 from graft.runtime.train.errors import Terminated, TrainerError, UserError, _is_oom
 from graft.runtime.train.evaluate import Evaluator
@@ -252,6 +253,8 @@ class Trainer:
         self.started = False
         self.last_ckpt: dict[str, Any] | None = None
         self.evaluator: Evaluator | None = None
+        self.curves: Curves | None = None
+        self.step_offset = 0  # optimizer steps of the stages before this one (TensorBoard x)
 
     # --- setup -----------------------------------------------------------------------
     def _validate(self, d: gdist.Dist, plans: list[StagePlan]) -> None:
@@ -485,6 +488,8 @@ class Trainer:
             raise
         finally:
             reporter.close()
+            if self.curves is not None:
+                self.curves.close()
 
     def _run(self, d: gdist.Dist, reporter: Reporter) -> TrainResult:
         spec, env, hp = self.spec, self.env, self.spec.hyperparameters
@@ -535,6 +540,7 @@ class Trainer:
 
         ckpt_loc = resolve(checkpoint_uri(spec, env), env.pvc_root, what="checkpoint.uri")
         store = CheckpointStore(ckpt_loc, spec.checkpoint.keep, workdir / "ckpt-staging")
+        self.curves = Curves(ckpt_loc, workdir, enabled=d.is_main)
         resume: CheckpointInfo | None = None
         if d.is_main:
             store.clean_stale()
@@ -583,7 +589,8 @@ class Trainer:
             )
             # A resumed run keeps the baseline of the untrained model its checkpoint carries.
             if not resume_name:
-                self.evaluator.run_at("baseline", model, raw, d, self._fsdp)
+                base = self.evaluator.run_at("baseline", model, raw, d, self._fsdp)
+                self.curves.evaluation(0, {**base.figures(), "datasets": base.datasets})
             elif not self.evaluator.restore(resume_state.get("evaluation")):
                 log.warning("checkpoint carries no evaluation; the baseline is unknown")
             reporter.emit(force=True, evaluation=self.evaluator.record)
@@ -605,6 +612,7 @@ class Trainer:
                         plan.name, plan.type.value, 0, 0, [], None, None, 0.0, {}, skipped=True
                     )
                 )
+                self.step_offset += plan.max_steps or 0
                 continue
             if self.stop.requested:
                 raise Terminated("stop requested between stages; the last checkpoint is current")
@@ -726,6 +734,9 @@ class Trainer:
             )
             start = resume_step
         clip = getattr(model, "clip_grad_norm_", None) if self._fsdp else None
+        curves = self.curves
+        assert curves is not None
+        curves.start_stage(plan.name, plan.index, self.step_offset, start)
         spec_loop = LoopSpec(
             model=model,
             params=params,
@@ -767,6 +778,7 @@ class Trainer:
             final = rep.step >= total
             if reporter.due() or stop or final:
                 st.flush()
+                curves.losses(st.losses, start)
                 dt_ = time.monotonic() - window["t"]
                 if dt_ > 0 and window["steps"]:
                     tps[0] = window["tokens"] / dt_
@@ -774,6 +786,11 @@ class Trainer:
                 else:
                     eta = None
                 window.update(t=time.monotonic(), tokens=0, steps=0)
+                curves.scalars(
+                    rep.step,
+                    learning_rate=float(scheduler.get_last_lr()[0]),
+                    tokens_per_second=tps[0],
+                )
                 reporter.emit(
                     step=rep.step,
                     loss=round(st.losses[-1], 5) if st.losses else None,
@@ -831,9 +848,13 @@ class Trainer:
                 torch.distributed.all_reduce(t)
                 s, c = float(t[0]), float(t[1])
             eval_loss = s / c if c else None
+        curves.losses(stats.losses, start)
         if self.evaluator is not None:
-            self.evaluator.run_at(plan.name, model, raw, d, self._fsdp)
+            ev = self.evaluator.run_at(plan.name, model, raw, d, self._fsdp)
+            curves.evaluation(self.step_offset + total, {**ev.figures(), "datasets": ev.datasets})
             reporter.update(evaluation=self.evaluator.record)
+        self.step_offset += total
+        curves.sync()
         self.stop.in_loop = True  # a SIGTERM now only sets the flag; the save below is final
         try:
             self._save(
