@@ -59,19 +59,20 @@ def machine_needles() -> dict[str, bytes]:
     for key in ("index-url", "extra-index-url", "find-links", "constraint"):
         for loc in (settings.get(key) or "").split():
             if loc.startswith("file://"):
-                needles[f"pip {key} path"] = loc[len("file://") :].rstrip("/").encode()
+                path = loc[len("file://") :].rstrip("/")
+                needles[f"pip {key} path {path}"] = path.encode()
             elif loc.startswith("/"):
-                needles[f"pip {key} path"] = loc.rstrip("/").encode()
+                needles[f"pip {key} path {loc}"] = loc.rstrip("/").encode()
             else:
                 host = re.sub(r"^[a-z+]+://([^/@]*@)?([^/:]+).*$", r"\2", loc)
                 if host and host not in PUBLIC_HOSTS:
-                    needles[f"pip {key} host"] = host.encode()
+                    needles[f"pip {key} host {host}"] = host.encode()
     if settings.get("proxy"):
         needles["pip proxy"] = settings["proxy"].encode()
     for uri, _suite, _comps in build.apt_repos():
         host = re.sub(r"^[a-z+]+://([^/@]*@)?([^/:]+).*$", r"\2", uri)
         if host not in PUBLIC_HOSTS:
-            needles["apt mirror host"] = host.encode()
+            needles[f"apt mirror host {host}"] = host.encode()
     for line in build.apt_acquire_settings().splitlines():
         m = re.match(r'^Acquire::\S*[Pp]roxy\S*\s+"([^"]+)"', line)
         if m and m.group(1) not in ("DIRECT", "false"):
