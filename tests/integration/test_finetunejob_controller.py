@@ -171,6 +171,45 @@ def test_two_node_gang_lands_on_a100_nodes(
     assert "Running" in out
 
 
+@pytest.mark.parametrize("name", ["7b-sft", "llama.v2"])
+def test_names_with_a_leading_digit_or_a_dot_run(jobs: Jobs, nodes: NodeFactory, name: str) -> None:
+    nodes(a100=2)
+    jobs.create(job(name))
+    pods = jobs.wait_scheduled(name, 1, 2)
+    svc = pods[0].spec.subdomain
+    assert jobs.core.read_namespaced_service(svc, jobs.ns).spec.cluster_ip == "None"
+    host = pods[0].spec.hostname
+    assert env_of(pods[1])["MASTER_ADDR"] == f"{host}.{svc}.{jobs.ns}.svc"
+    jobs.run_all(name, 1)
+    c = jobs.cond(name, "Accepted")
+    assert c is not None and c["status"] == "True"
+
+
+def test_a_transient_pod_create_error_is_retried_until_it_succeeds(
+    jobs: Jobs,
+    nodes: NodeFactory,
+    control_plane: ControlPlane,
+    operator_process: OperatorProcess,
+) -> None:
+    """With the token controller frozen, the new trainer ServiceAccount has no token yet and
+    the apiserver answers the Pod create with a 500; Kopf's retry must then really run."""
+    nodes(a100=1)
+    name = f"retry-{uuid.uuid4().hex[:6]}"
+    with control_plane.frozen("controller-manager"):
+        jobs.create(job(name, resources={"nodes": 1, "gpusPerNode": 8}))
+        wait_for(
+            "a pod create refused for want of a token",
+            lambda: (
+                f"{name}-trainer" in operator_process.log()
+                and "No API token" in operator_process.log()
+            ),
+            timeout=60,
+        )
+        assert jobs.pods(name) == []
+    jobs.wait_scheduled(name, 1, 1, timeout=60)
+    assert jobs.status(name)["attempt"] == 1
+
+
 def test_job_no_pool_can_hold_is_refused(jobs: Jobs, nodes: NodeFactory) -> None:
     nodes(a100=1)
     jobs.create(job("huge", resources={"gpus": 64}))  # 8 nodes; the pool holds 4

@@ -82,7 +82,13 @@ def test_two_nodes_of_eight_gpus_whole_pod() -> None:
             "enableServiceLinks": False,
             "serviceAccountName": "llama-sft-trainer",
             "terminationGracePeriodSeconds": 300,
-            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 65532,
+                "runAsGroup": 65532,
+                "fsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
             "nodeSelector": A100_SELECTOR,
             "tolerations": [GPU_TOLERATION],
             "affinity": {
@@ -151,12 +157,13 @@ def test_two_nodes_of_eight_gpus_whole_pod() -> None:
                     ],
                     "ports": [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}],
                     "resources": {
-                        "requests": {"nvidia.com/gpu": "8"},
-                        "limits": {"nvidia.com/gpu": "8"},
+                        "requests": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"},
+                        "limits": {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"},
                     },
                     "volumeMounts": [
                         {"name": "config", "mountPath": "/etc/graft", "readOnly": True},
                         {"name": "dshm", "mountPath": "/dev/shm"},
+                        {"name": "tmp", "mountPath": "/tmp"},
                         {"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True},
                         {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True},
                         {"name": "pvc-outputs", "mountPath": "/mnt/pvc/outputs"},
@@ -166,12 +173,15 @@ def test_two_nodes_of_eight_gpus_whole_pod() -> None:
                     "securityContext": {
                         "allowPrivilegeEscalation": False,
                         "capabilities": {"drop": ["ALL"]},
+                        "readOnlyRootFilesystem": True,
+                        "runAsNonRoot": True,
                     },
                 }
             ],
             "volumes": [
                 {"name": "config", "configMap": {"name": "llama-sft-config"}},
-                {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},
+                {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}},
                 {"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data"}},
                 {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
                 {"name": "pvc-outputs", "persistentVolumeClaim": {"claimName": "outputs"}},
@@ -209,7 +219,7 @@ def test_single_cpu_rank() -> None:
     assert spec["containers"][0]["image"] == "trainer:dev"
     assert spec["containers"][0]["resources"] == {
         "requests": {"cpu": "2", "memory": "4Gi"},
-        "limits": {"memory": "4Gi"},
+        "limits": {"cpu": "2", "memory": "4Gi"},
     }
     # one rank: no pod anti-affinity needed, no node to avoid
     assert "affinity" not in spec
@@ -233,7 +243,11 @@ def test_gpu_resource_name_from_pool() -> None:
     (pod,) = build_pods(
         job, place(job.spec.resources, [pool]), pool, 1, None, SETTINGS, avoid_nodes=[]
     )
-    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "8"}
+    assert pod["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "32",
+        "memory": "256Gi",
+        "amd.com/gpu": "8",
+    }
 
 
 def test_attempt_is_one_based() -> None:
@@ -420,3 +434,77 @@ def test_trainer_identity_may_patch_only_its_attempts_pods() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "llama-sft-trainer", "namespace": "team-a"}
     ]
+
+
+# Names valid for every kind they name, from any valid resource name -----------------------
+
+_DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+ODD_NAMES = [
+    "7b-sft",
+    "llama.v2",
+    "0",
+    "1.2.3",
+    "a.b-c.d",
+    "9" * 253,
+    "a" * 62 + ".b" * 95,
+    "x" * 253,
+    "a" * 61 + ".b",
+]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_every_child_name_is_valid_for_its_kind(name: str) -> None:
+    import re
+
+    from graft.builders.finetunejob import build_trainer_identity
+
+    assert naming.is_dns_subdomain(name)
+    job = FineTuneJobBuilder(name).nodes(2, 8).queue("q").obj()
+    placement = place(job.spec.resources, SETTINGS.node_pools)
+    pods = build_pods(job, placement, a100_80g(), 1, None, SETTINGS, avoid_nodes=[])
+    svc = build_gang_service(job)
+    assert re.match(_DNS_1035, svc["metadata"]["name"]) and len(svc["metadata"]["name"]) <= 63
+    hosts = set()
+    for pod in pods:
+        spec = pod["spec"]
+        assert naming.is_dns_subdomain(pod["metadata"]["name"])
+        assert naming.is_dns_label(spec["hostname"])
+        assert spec["subdomain"] == svc["metadata"]["name"]
+        assert all(naming.is_dns_label(v["name"]) for v in spec["volumes"])
+        hosts.add(spec["hostname"])
+        for value in pod["metadata"]["labels"].values():
+            assert len(value) <= 63 and re.match(_LABEL_VALUE, value), value
+    assert len(hosts) == len(pods)
+    cm = build_config_map(job, placement, 1, None, SETTINGS)
+    others = [cm, *build_trainer_identity(job, placement, 1)]
+    assert all(naming.is_dns_subdomain(o["metadata"]["name"]) for o in others)
+    assert naming.is_dns_subdomain(naming.progress_lease_name(name))
+
+
+def test_names_that_needed_rewriting_stay_distinct() -> None:
+    # "a.b" and "a-b" both become "a-b..." in a DNS label; the hash keeps them apart
+    assert naming.gang_service_name("a.b") != naming.gang_service_name("a-b")
+    assert naming.pod_hostname("a.b", 0) != naming.pod_hostname("a-b", 0)
+    assert naming.gang_service_name("7b") != naming.gang_service_name("x7b")
+    # names that were valid already are kept as they were
+    assert naming.gang_service_name("llama-sft") == "llama-sft-gang"
+    assert naming.pod_hostname("7b-sft", 1) == "7b-sft-r1"
+    assert naming.gang_service_name("7b-sft").startswith("x7b-sft-gang-")
+    assert naming.progress_lease_name("llama.v2") == "llama.v2-progress"
+
+
+def test_claims_with_dots_and_long_names_get_distinct_volume_names() -> None:
+    job = (
+        FineTuneJobBuilder()
+        .base_model("pvc://a.b/m")
+        .stage("SFT", "pvc://a-b/d.jsonl")
+        .output("pvc://" + "c" * 253 + "/o")
+        .gpus(8)
+        .obj()
+    )
+    placement = place(job.spec.resources, SETTINGS.node_pools)
+    (pod,) = build_pods(job, placement, a100_80g(), 1, None, SETTINGS, avoid_nodes=[])
+    names = [v["name"] for v in pod["spec"]["volumes"]]
+    assert all(naming.is_dns_label(n) for n in names)
+    assert len(names) == len(set(names))

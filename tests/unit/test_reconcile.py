@@ -275,3 +275,79 @@ def test_a_burst_of_triggers_costs_two_passes() -> None:
 
     asyncio.run(burst())
     assert passes == 2
+
+
+# Visible refusals: every accepted spec runs or says why, before any pod -----------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason", "words"),
+    [
+        (
+            "baseModel",
+            {"uri": "hf://meta-llama/Llama-3-8B"},
+            "StorageNotAllowed",
+            "GRAFT_ALLOW_HUB",
+        ),
+        ("output", {"uri": "file:///tmp/out"}, "StorageNotAllowed", "spec.output.uri"),
+        ("baseModel", {"uri": "pvc://../etc"}, "InvalidSpec", "spec.baseModel.uri"),
+        ("baseModel", {"uri": "pvc://models/../../../etc"}, "InvalidSpec", "'..'"),
+        ("output", {"uri": "pvc://My_Claim/out"}, "InvalidSpec", "PersistentVolumeClaim name"),
+        ("lora", {"targetModules": [f"m{i}" for i in range(60000)]}, "InvalidSpec", "bytes"),
+    ],
+)
+def test_a_spec_no_pod_could_use_is_refused_before_any_child(
+    field: str, value: dict[str, Any], reason: str, words: str
+) -> None:
+    plan = run(job(**{field: value}), [], {})
+    accepted, failed = cond(plan, "Accepted"), cond(plan, "Failed")
+    assert (accepted.status, accepted.reason) == ("False", reason)
+    assert failed.status == "True" and words in failed.message, failed.message
+    assert plan.apply == [] and plan.create_pods == [] and plan.status.attempt == 0
+    assert [e[:2] for e in plan.events] == [("Warning", reason)]
+    # the next pass repeats nothing
+    again = run(job(plan.status.wire(), **{field: value}), [], {})
+    assert again.events == [] and again.status == plan.status
+
+
+def test_the_hub_is_allowed_when_the_operator_says_so() -> None:
+    allowing = SETTINGS.model_copy(update={"allow_hub": True})
+    body = job(baseModel={"uri": "hf://meta-llama/Llama-3-8B"})
+    plan = ftj.decide(ftj.World(job=body, pods=[], nodes={}, now=NOW), allowing)
+    assert cond(plan, "Accepted").status == "True" and len(plan.create_pods) == 2
+
+
+def test_a_refused_job_is_checked_again_when_its_spec_changes() -> None:
+    refused = run(job(baseModel={"uri": "hf://x/y"}), [], {}).status.wire()
+    fixed = job(refused)
+    fixed["metadata"]["generation"] = 2
+    plan = run(fixed, [], {})
+    assert cond(plan, "Failed").status == "False"
+    assert cond(plan, "Accepted").status == "True" and plan.status.attempt == 1
+
+
+def test_a_bug_in_decide_becomes_a_condition(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: Any, **__: Any) -> Any:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(ftj, "place", broken)
+    plan = ftj.decide_or_report(ftj.World(job=job(), pods=[], nodes={}, now=NOW), SETTINGS)
+    c = cond(plan, "Accepted")
+    assert (c.status, c.reason) == ("False", "ReconcileError")
+    assert "ZeroDivisionError" in c.message and plan.create_pods == []
+
+
+def test_a_child_the_apiserver_refuses_fails_the_job_and_takes_back_its_children() -> None:
+    world = ftj.World(job=job(), pods=[pod(1, 0, "n0")], nodes={}, now=NOW)
+    plan = ftj.child_rejected(world, "create Pod ns/j-a1-r0: 403 Forbidden: violates PodSecurity")
+    c = cond(plan, "Failed")
+    assert (c.status, c.reason) == ("True", "ChildRejected") and "PodSecurity" in c.message
+    assert plan.delete_pods == [("j-a1-r0", 0)]
+    assert sorted(plan.delete_children) == [
+        ("ConfigMap", "j-config"),
+        ("Role", "j-trainer"),
+        ("RoleBinding", "j-trainer"),
+        ("Service", "j-gang"),
+        ("ServiceAccount", "j-trainer"),
+    ]
+    assert plan.status.attempt == 0

@@ -93,6 +93,11 @@ class Settings(ApiModel):
         description="GRAFT_GANG_PENDING_TIMEOUT_SECONDS: ranks Pending longer than this are "
         "reported in the GangPending condition.",
     )
+    allow_hub: bool = Field(
+        default=False,
+        description="GRAFT_ALLOW_HUB: true lets FineTuneJobs read hf:// URIs (the cluster "
+        "must allow egress to the hub); false (air-gapped, the default) refuses them.",
+    )
     log_format: str = Field(
         default="json", pattern="^(json|plain)$", description="GRAFT_LOG_FORMAT: json or plain."
     )

@@ -103,6 +103,22 @@ class Kube:
         except ApiException as e:
             raise api_error(e, f"apply {kind} {ns}/{name}") from e
 
+    async def delete(self, kind: str, ns: str, name: str) -> None:
+        """Delete a child made with ``apply`` (ConfigMap, Service, ServiceAccount, Role,
+        RoleBinding); gone already is fine."""
+        calls = {
+            "ConfigMap": self.core.delete_namespaced_config_map,
+            "Service": self.core.delete_namespaced_service,
+            "ServiceAccount": self.core.delete_namespaced_service_account,
+            "Role": self.rbac.delete_namespaced_role,
+            "RoleBinding": self.rbac.delete_namespaced_role_binding,
+        }
+        try:
+            await calls[kind](name, ns)
+        except ApiException as e:
+            if e.status != 404:
+                raise api_error(e, f"delete {kind} {ns}/{name}") from e
+
     async def create_pod(self, pod: dict[str, Any]) -> bool:
         """Create a pod; False when one of that name already exists (no duplicates)."""
         ns = pod["metadata"]["namespace"]

@@ -62,6 +62,14 @@ class Reason(StrEnum):
     VALID = "Valid"
     INVALID_SPEC = "InvalidSpec"
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+    #: hf:// or file:// in a cluster job (hf:// is allowed with GRAFT_ALLOW_HUB).
+    STORAGE_NOT_ALLOWED = "StorageNotAllowed"
+    #: The apiserver refused one of the job's children (4xx); the message is its own.
+    CHILD_REJECTED = "ChildRejected"
+    #: The operator failed on the job (a bug); the message says what to report.
+    RECONCILE_ERROR = "ReconcileError"
+    #: A refused job's spec changed, so it is checked again.
+    SPEC_CHANGED = "SpecChanged"
     # Admitted / GangPending / Running
     PLACED = "Placed"
     UNSCHEDULABLE = "Unschedulable"

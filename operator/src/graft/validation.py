@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -29,3 +30,41 @@ def parse_spec(model: type[M], spec: Mapping[str, Any]) -> M:
         return model.model_validate(dict(spec))
     except ValidationError as e:
         raise InvalidSpec(describe(e) + ". Fix the field and apply the resource again.") from e
+
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def cluster_uri_problem(field: str, uri: str, *, allow_hub: bool) -> str | None:
+    """Why ``uri`` cannot be used by pods in a cluster, naming ``field`` and the fix; None
+    when it can.
+
+    ``pvc://<claim>/<path>``: the claim must be a PersistentVolumeClaim name (DNS-1123
+    subdomain) and the path must stay inside the claim (no ``..`` segment). ``file://`` is a
+    path on the machine of ``graft run``, which no pod has; ``hf://`` needs egress to the
+    hub, which the operator allows only when configured to (air-gapped by default).
+    """
+    scheme, _, rest = uri.partition("://")
+    if scheme == "file":
+        return (
+            f"{field}: file:// paths exist only for `graft run` on one machine; in a cluster "
+            "use pvc://<claim>/<path> or s3://<bucket>/<key>"
+        )
+    if scheme == "hf":
+        if allow_hub:
+            return None
+        return (
+            f"{field}: hf:// needs egress to the Hugging Face hub, which this operator does "
+            "not allow; copy the model to a PVC or an in-cluster S3 store (pvc:// or s3://), "
+            "or ask the operator's admin to set allowHub (GRAFT_ALLOW_HUB=true)"
+        )
+    if scheme == "pvc":
+        claim, _, path = rest.partition("/")
+        if len(claim) > 253 or not _DNS_SUBDOMAIN.match(claim):
+            return (
+                f"{field}: {claim!r} is not a PersistentVolumeClaim name (lower-case letters, "
+                "digits, '-' and '.', starting and ending with a letter or digit)"
+            )
+        if ".." in path.split("/"):
+            return f"{field}: the path may not contain '..'; name the file inside the claim"
+    return None

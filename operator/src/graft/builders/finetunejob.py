@@ -34,6 +34,10 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
 KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
 HOSTNAME_KEY = "kubernetes.io/hostname"
+#: UID and GID the trainer runs as (the "nonroot" user of images/trainer).
+TRAINER_UID = 65532
+#: Size limit of the writable /tmp (HOME of the trainer user; library caches).
+TMP_SIZE = "8Gi"
 
 
 def job_name(job: FineTuneJob) -> str:
@@ -63,6 +67,21 @@ def pvc_claim(uri: str) -> str | None:
     return rest.split("/", 1)[0]
 
 
+def storage_uris(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
+    """Every storage URI of the spec with the field that holds it (camelCase path)."""
+    out = [("spec.baseModel.uri", spec.base_model.uri)]
+    out += [(f"spec.stages[{i}].dataset.uri", s.dataset.uri) for i, s in enumerate(spec.stages)]
+    if spec.evaluation:
+        out += [
+            (f"spec.evaluation.datasets[{i}].uri", d.uri)
+            for i, d in enumerate(spec.evaluation.datasets)
+        ]
+    if spec.checkpoint.uri:
+        out.append(("spec.checkpoint.uri", spec.checkpoint.uri))
+    out.append(("spec.output.uri", spec.output.uri))
+    return out
+
+
 def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     """Every claim the job reads or writes, sorted, mapped to "written by the trainer".
 
@@ -80,12 +99,8 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
 
 
 def _volume_name(claim: str) -> str:
-    # Claim names may contain dots; volume names are DNS labels. The hash keeps
-    # "a.b" and "a-b" apart.
-    name = f"pvc-{claim}"
-    if "." in claim:
-        name = f"pvc-{claim.replace('.', '-')}-{naming.short_hash(claim)}"
-    return naming.fit(name, naming.DNS_LABEL_MAX)
+    # Claim names are DNS subdomains (dots, 253 characters); volume names are DNS labels.
+    return naming.dns_label(f"pvc-{claim}")
 
 
 def resolved_spec(job: FineTuneJob, placement: Placement, settings: Settings) -> dict[str, Any]:
@@ -127,6 +142,23 @@ def job_config(
     }
 
 
+#: Largest job.json the operator renders: a ConfigMap holds at most 1 MiB, and the spec
+#: also travels in the job's own object (etcd's request limit is 1.5 MiB).
+CONFIG_MAX_BYTES = 256 * 1024
+
+
+def config_json(
+    job: FineTuneJob,
+    placement: Placement,
+    attempt: int,
+    resume_from: str | None,
+    settings: Settings,
+) -> str:
+    """job.json, compact (no indentation: the size limit is on bytes)."""
+    config = job_config(job, placement, attempt, resume_from, settings)
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
 def build_config_map(
     job: FineTuneJob,
     placement: Placement,
@@ -141,9 +173,7 @@ def build_config_map(
     running Pod also sees updates.
     """
     name = job_name(job)
-    content = json.dumps(
-        job_config(job, placement, attempt, resume_from, settings), indent=2, sort_keys=True
-    )
+    content = config_json(job, placement, attempt, resume_from, settings)
     return naming.with_spec_hash(
         {
             "apiVersion": "v1",
@@ -280,28 +310,37 @@ def trainer_env(
     ]
 
 
+def default_cpu(gpus_per_node: int) -> str:
+    """CPU per rank when spec.resources.cpu is unset: 4 per GPU (data loading,
+    tokenization), 2 for a CPU-only rank."""
+    return str(4 * gpus_per_node) if gpus_per_node else "2"
+
+
+def default_memory(gpus_per_node: int) -> str:
+    """Memory per rank when spec.resources.memory is unset: 32Gi per GPU, 8Gi without."""
+    return f"{32 * gpus_per_node}Gi" if gpus_per_node else "8Gi"
+
+
+def shm_size(gpus_per_node: int) -> str:
+    """/dev/shm size limit: 4Gi per GPU (NCCL and data-loader workers), 1Gi without. It
+    counts against the memory limit, so it is bounded to keep a runaway writer from
+    taking the node's memory."""
+    return f"{4 * gpus_per_node}Gi" if gpus_per_node else "1Gi"
+
+
 def _resources(job: FineTuneJob, placement: Placement, pool: NodePool) -> dict[str, Any]:
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
+    # Limits = requests (Guaranteed QoS): a rank over its memory share is OOM-killed (a
+    # clear, retryable failure) instead of pushing a node of the gang into memory
+    # pressure, and ranks of one gang get the same CPU so none lags the collectives.
+    gpus = placement.gpus_per_node
     spec_res = job.spec.resources
-    if spec_res.cpu:
-        # No CPU limit: throttling a data loader stalls every GPU of the gang.
-        requests["cpu"] = spec_res.cpu
-    if spec_res.memory:
-        # Memory limit = request: a rank over its share is OOM-killed (a clear, retryable
-        # failure) instead of pushing a node of the gang into memory pressure.
-        requests["memory"] = spec_res.memory
-        limits["memory"] = spec_res.memory
-    if placement.gpus_per_node > 0:
-        gpus = str(placement.gpus_per_node)
-        requests[pool.gpu_resource] = gpus
-        limits[pool.gpu_resource] = gpus
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
+    requests = {
+        "cpu": spec_res.cpu or default_cpu(gpus),
+        "memory": spec_res.memory or default_memory(gpus),
+    }
+    if gpus > 0:
+        requests[pool.gpu_resource] = str(gpus)
+    return {"requests": requests, "limits": dict(requests)}
 
 
 def _affinity(
@@ -367,12 +406,18 @@ def build_pod(
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": naming.config_map_name(name)}},
         # NCCL and data-loader workers exchange tensors through /dev/shm; the runtime's
         # default 64 MiB is far too small.
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {
+            "name": "dshm",
+            "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(placement.gpus_per_node)},
+        },
+        # The root filesystem is read-only: caches and temporary files go here.
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
     ]
     for claim, written in pvc_claims(spec).items():
         vol = _volume_name(claim)
@@ -395,6 +440,8 @@ def build_pod(
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
         },
     }
     pod_spec: dict[str, Any] = {
@@ -404,7 +451,14 @@ def build_pod(
         "enableServiceLinks": False,
         "serviceAccountName": trainer_account_name(name),
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        # Pod Security Standard "restricted"; the trainer image's user is 65532.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
         "volumes": volumes,
     }

@@ -73,6 +73,25 @@ def child_name(
     return fit(name, limit)
 
 
+def dns_label(name: str, *, letter_first: bool = False) -> str:
+    """A DNS-1123 label (or, with ``letter_first``, a DNS-1035 label) for ``name``.
+
+    A resource name is a DNS-1123 subdomain: it may hold dots, start with a digit and run
+    to 253 characters; a Service name (DNS-1035), a pod hostname or a volume name may not.
+    ``name`` is kept when it already fits; otherwise dots become dashes, a leading digit
+    gets an ``x`` in front, and a hash of the whole original name is appended (cutting to
+    63 where needed), so ``a.b`` and ``a-b`` still get distinct names.
+    """
+    valid = is_dns_label(name) and (not letter_first or name[:1].isalpha())
+    if valid:
+        return name
+    clean = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "x"
+    if letter_first and not clean[0].isalpha():
+        clean = "x" + clean
+    suffix = "-" + short_hash(name)
+    return clean[: DNS_LABEL_MAX - len(suffix)].rstrip("-") + suffix
+
+
 def label_value(value: str) -> str:
     """A label value for ``value`` (a CR name may be 253 characters; label values 63)."""
     return fit(value, DNS_LABEL_MAX)
@@ -95,8 +114,15 @@ def config_map_name(job: str) -> str:
 
 
 def gang_service_name(job: str) -> str:
-    """``<job>-gang``: the headless Service; a DNS label because it is a pod subdomain."""
-    return child_name(job, "gang", limit=DNS_LABEL_MAX)
+    """``<job>-gang``: the headless Service; a DNS-1035 label (a Service name, and the pods'
+    subdomain), so a job named ``7b-sft`` or ``llama.v2`` gets a hashed variant."""
+    return dns_label(f"{job}-gang", letter_first=True)
+
+
+def progress_lease_name(job: str) -> str:
+    """``<job>-progress``: the coordination.k8s.io Lease rank 0 writes progress and its
+    heartbeat to (the only object the trainer identity may update)."""
+    return child_name(job, "progress")
 
 
 def pod_name(job: str, attempt: int, rank: int) -> str:
@@ -110,7 +136,7 @@ def pod_name(job: str, attempt: int, rank: int) -> str:
 
 def pod_hostname(job: str, rank: int) -> str:
     """``<job>-r<rank>``: stable across attempts, so MASTER_ADDR never changes."""
-    return fit(f"{job}-r{rank}", DNS_LABEL_MAX)
+    return dns_label(f"{job}-r{rank}")
 
 
 def master_addr(job: str, namespace: str) -> str:

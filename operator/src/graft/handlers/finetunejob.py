@@ -104,7 +104,7 @@ async def trainer_pod_changed(
         if digests.get(uid) == digest:
             return
         digests[uid] = digest
-    await _reconciler(memo, kwargs).reconcile(str(namespace), job)
+    await _reconciler(memo, kwargs).reconcile_or_retry(str(namespace), job)
 
 
 def _digest(body: kopf.Body) -> int:
@@ -142,4 +142,4 @@ async def node_changed(name: str, type: str, status: kopf.Status, memo: Any, **k
         seen.pop(name, None)
     rec = _reconciler(memo, kwargs)
     for ns, job in sorted(set(kwargs["graft_trainer_pods_by_node"].get(name, []))):
-        await rec.reconcile(ns, job)
+        await rec.reconcile_or_retry(ns, job)

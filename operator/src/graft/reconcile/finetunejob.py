@@ -53,7 +53,7 @@ from graft.status import (
     progress_from_annotation,
     progress_summary,
 )
-from graft.validation import InvalidSpec, parse_spec
+from graft.validation import InvalidSpec, cluster_uri_problem, parse_spec
 
 log = logging.getLogger(__name__)
 T = ConditionType
@@ -85,6 +85,8 @@ class Plan:
     detection_seconds: float | None = None
     recovery_seconds: float | None = None
     gpu_hours_done: float = 0.0
+    #: (kind, name) of children to delete: what a refused job had created.
+    delete_children: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def _attempt_of(pod: Mapping[str, Any]) -> int | None:
@@ -267,17 +269,19 @@ def admit(d: Draft) -> Draft:
     its ConfigMap; the first ``decide`` asks for it with ``needs_recorded_spec``).
     """
     st, body = d.status, d.world.job
+    if st.attempt == 0:
+        _forget_old_refusal(d)
     try:
         spec: FineTuneJobSpec | None = parse_spec(FineTuneJobSpec, body.get("spec") or {})
         refusal = ""
     except InvalidSpec as e:
         if st.attempt == 0:
-            if not d.is_(T.FAILED):
-                d.event("Warning", Reason.INVALID_SPEC, str(e))
-            d.cond(T.ACCEPTED, False, Reason.INVALID_SPEC, str(e))
-            d.cond(T.FAILED, True, Reason.INVALID_SPEC, str(e))
-            return d.stop()
+            return refuse(d, Reason.INVALID_SPEC, str(e))
         spec, refusal = None, str(e)
+    if spec is not None and st.attempt == 0:
+        problem = cluster_problem(spec, d.settings)
+        if problem is not None:
+            return refuse(d, *problem)
     if spec is not None and st.spec_hash and st.attempt > 0 and _spec_hash(spec) != st.spec_hash:
         refusal = "spec changes to a started job are refused (only spec.suspend may change)"
     if refusal:
@@ -304,6 +308,44 @@ def admit(d: Draft) -> Draft:
     stale = [p for p in pods if _attempt_of(p) != st.attempt and not _deleting(p)]
     d.plan.delete_pods += [_deletion(p, d.world.nodes) for p in stale]
     return d
+
+
+#: Reasons of a job refused before it started; a new generation of the spec is checked again.
+REFUSALS = (Reason.INVALID_SPEC, Reason.STORAGE_NOT_ALLOWED, Reason.CHILD_REJECTED)
+
+
+def refuse(d: Draft, reason: Reason, message: str) -> Draft:
+    """Accepted=False and Failed=True with ``message`` (field and fix), one Warning Event."""
+    if not d.has_reason(T.FAILED, reason) or not d.is_(T.FAILED):
+        d.event("Warning", reason, message)
+    d.cond(T.ACCEPTED, False, reason, message)
+    d.cond(T.FAILED, True, reason, message)
+    return d.stop()
+
+
+def _forget_old_refusal(d: Draft) -> None:
+    """A job refused before it started gets another chance when its spec changes."""
+    failed = next((c for c in d.conds if c.type == T.FAILED and c.status == "True"), None)
+    if failed and failed.reason in REFUSALS and failed.observed_generation != d.generation:
+        d.cond(T.FAILED, False, Reason.SPEC_CHANGED, "the spec changed; checking it again")
+
+
+def cluster_problem(spec: FineTuneJobSpec, settings: Settings) -> tuple[Reason, str] | None:
+    """What the schema cannot say: storage a pod can reach, a config that fits."""
+    for field, uri in build.storage_uris(spec):
+        problem = cluster_uri_problem(field, uri, allow_hub=settings.allow_hub)
+        if problem is not None:
+            scheme = uri.partition("://")[0]
+            reason = Reason.STORAGE_NOT_ALLOWED if scheme in ("hf", "file") else Reason.INVALID_SPEC
+            return reason, problem
+    size = len(naming.canonical_json(spec))
+    if size > build.CONFIG_MAX_BYTES:
+        return Reason.INVALID_SPEC, (
+            f"spec: {size} bytes of JSON, over the {build.CONFIG_MAX_BYTES} the trainer's "
+            "ConfigMap may hold; shorten the longest lists (spec.lora.targetModules, "
+            "spec.stages, spec.evaluation.datasets)"
+        )
+    return None
 
 
 def settle_terminal(d: Draft) -> Draft:
@@ -587,6 +629,53 @@ def finish(d: Draft) -> Plan:
     return d.plan
 
 
+def decide_or_report(world: World, settings: Settings) -> Plan:
+    """``decide``, with a bug in it turned into a condition on the job (and the log) instead
+    of an exception Kopf would retry for ever."""
+    try:
+        return decide(world, settings)
+    except Exception as e:
+        job = world.job.get("metadata", {})
+        log.exception("decide failed", extra={"job": f"{job.get('namespace')}/{job.get('name')}"})
+        d = _begin(world, settings)
+        msg = (
+            f"the operator failed on this job ({type(e).__name__}: {e}); this is a bug in "
+            "Graft: report it with the operator's log. The job is looked at again on its "
+            "next change."
+        )
+        if not d.has_reason(T.ACCEPTED, Reason.RECONCILE_ERROR):
+            d.event("Warning", Reason.RECONCILE_ERROR, msg)
+        d.cond(T.ACCEPTED, False, Reason.RECONCILE_ERROR, msg[:2000])
+        return finish(d)
+
+
+def child_rejected(world: World, message: str) -> Plan:
+    """The plan after the apiserver refused one of the job's children with a 4xx: the job
+    fails with the apiserver's message, and everything it created is deleted (pods, the
+    trainer identity, the ConfigMap, the gang Service)."""
+    d = _begin(world, Settings())
+    name = str(world.job["metadata"]["name"])
+    msg = (
+        f"{message[:1500]}. The apiserver refused a child of this job; fix the cause "
+        "(the spec, or the namespace's policies and quotas) and apply the job again."
+    )
+    refuse(d, Reason.CHILD_REJECTED, msg)
+    d.status.attempt = 0
+    d.status.placement = None
+    d.status.spec_hash = None
+    d.status.start_time = None
+    d.plan.delete_pods += [(str(p["metadata"]["name"]), 0) for p in world.pods]
+    account = build.trainer_account_name(name)
+    d.plan.delete_children += [
+        ("RoleBinding", account),
+        ("Role", account),
+        ("ServiceAccount", account),
+        ("ConfigMap", naming.config_map_name(name)),
+        ("Service", naming.gang_service_name(name)),
+    ]
+    return finish(d)
+
+
 def _detection_seconds(
     node: str | None,
     pods: Iterable[Mapping[str, Any]],
@@ -646,11 +735,12 @@ class FineTuneJobReconciler:
             old.cancel()
         loop = asyncio.get_running_loop()
         self._timers[key] = loop.call_later(
-            delay, lambda: asyncio.ensure_future(self._timed(namespace, name))
+            delay, lambda: asyncio.ensure_future(self.reconcile_or_retry(namespace, name))
         )
 
-    async def _timed(self, namespace: str, name: str) -> None:
-        """A pass that no Kopf handler wraps: log failures and try again later."""
+    async def reconcile_or_retry(self, namespace: str, name: str) -> None:
+        """A pass that no Kopf retry wraps (timers, Pod and Node events): log a failure and
+        try again later, so a temporary error never strands the job."""
         try:
             await self.reconcile(namespace, name)
         except Exception as e:
@@ -674,15 +764,20 @@ class FineTuneJobReconciler:
             nodes=self._nodes(),
             now=dt.datetime.now(dt.UTC),
         )
-        plan = decide(world, self.settings)
+        plan = decide_or_report(world, self.settings)
         if plan.needs_recorded_spec:
             cm = await self.kube.get_config_map(namespace, naming.config_map_name(name))
             try:
                 world.recorded_spec = json.loads((cm or {})["data"][build.CONFIG_FILE])["spec"]
             except (KeyError, TypeError, ValueError):
                 world.recorded_spec = dict(body.get("spec") or {})
-            plan = decide(world, self.settings)
-        await self._execute(body, plan)
+            plan = decide_or_report(world, self.settings)
+        try:
+            await self._execute(body, plan)
+        except kopf.PermanentError as e:
+            # a 4xx on a child: retrying cannot help; say why and take back what was made
+            plan = child_rejected(world, str(e))
+            await self._execute(body, plan)
         metrics.RECONCILES.labels(KIND, "ok").inc()
         metrics.RECONCILE_SECONDS.labels(KIND).observe(asyncio.get_running_loop().time() - t0)
         if plan.requeue_after is not None:
@@ -702,6 +797,8 @@ class FineTuneJobReconciler:
         ns = body["metadata"]["namespace"]
         for name, grace in plan.delete_pods:
             await self.kube.delete_pod(ns, name, grace_seconds=grace)
+        for kind, name in plan.delete_children:
+            await self.kube.delete(kind, ns, name)
         for obj in plan.apply:
             kopf.append_owner_reference(obj, owner=owner)
             await self.kube.apply(obj)

@@ -9,14 +9,16 @@ drives their status.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,6 +315,17 @@ class ControlPlane:
             lambda: self._kubectl_ok("get", "serviceaccount", "default", "-n", "default"),
             90,
         )
+
+    @contextlib.contextmanager
+    def frozen(self, component: str) -> Iterator[None]:
+        """SIGSTOP one component (``controller-manager``, ``scheduler``) for the block, as a
+        busy or lagging controller would be; SIGCONT after."""
+        proc = self._procs[component]
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         for name in ("scheduler", "controller-manager", "apiserver", "etcd"):
