@@ -73,35 +73,40 @@ Rules the operator needs inside the namespaces it watches. Used by the ClusterRo
 cluster-wide mode and by the Role in single-namespace mode.
 */}}
 {{- define "graft.namespacedRules" -}}
+# Exactly the calls of graft/kube.py and Kopf (tests/chart/test_rbac.py compares them).
 - apiGroups: ["graft.dev"]
   resources: ["finetunejobs", "modelservices"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["graft.dev"]
   resources: ["finetunejobs/status", "modelservices/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["graft.dev"]
   resources: ["finetunejobs/finalizers", "modelservices/finalizers"]
   verbs: ["update"]
+# get and patch: a trainer identity's Role grants them on its own Pods, and a Role may
+# grant only what its creator holds
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# server-side apply (create + patch); delete takes back what a refused job had made
 - apiGroups: [""]
-  resources: ["services", "configmaps", "serviceaccounts"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# each job's trainer identity: a Role that lets its ranks patch only their own Pods
+  resources: ["services", "serviceaccounts"]
+  verbs: ["create", "patch", "delete"]
+# get: a started job's recorded spec
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch", "delete"]
+# each job's trainer identity
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: ["ray.io"]
-  resources: ["rayservices/status"]
-  verbs: ["get"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- end }}
