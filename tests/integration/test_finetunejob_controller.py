@@ -210,6 +210,30 @@ def test_a_transient_pod_create_error_is_retried_until_it_succeeds(
     assert jobs.status(name)["attempt"] == 1
 
 
+def test_bad_storage_is_refused_by_the_schema_or_visibly_before_any_pod(
+    jobs: Jobs, nodes: NodeFactory
+) -> None:
+    nodes(a100=1)
+    for uri in ("pvc://../etc", "pvc://models/../../../etc", "pvc://My_Claim/x"):
+        with pytest.raises(client.ApiException) as e:
+            jobs.create(job("bad-path", baseModel={"uri": uri}))
+        assert e.value.status == 422 and "baseModel.uri" in str(e.value.body), uri
+    jobs.create(job("from-hub", baseModel={"uri": "hf://meta-llama/Llama-3-8B"}))
+    c = jobs.wait_cond("from-hub", "Failed")
+    assert c["reason"] == "StorageNotAllowed" and "GRAFT_ALLOW_HUB" in c["message"]
+    accepted = jobs.cond("from-hub", "Accepted")
+    assert accepted is not None and accepted["status"] == "False"
+    events = jobs.core.list_namespaced_event(
+        jobs.ns, field_selector="involvedObject.name=from-hub"
+    ).items
+    assert [ev.reason for ev in events if ev.type == "Warning"] == ["StorageNotAllowed"]
+    assert jobs.pods("from-hub") == []
+    assert jobs.core.list_namespaced_config_map(jobs.ns).items == [] or all(
+        not cm.metadata.name.startswith("from-hub")
+        for cm in jobs.core.list_namespaced_config_map(jobs.ns).items
+    )
+
+
 def test_job_no_pool_can_hold_is_refused(jobs: Jobs, nodes: NodeFactory) -> None:
     nodes(a100=1)
     jobs.create(job("huge", resources={"gpus": 64}))  # 8 nodes; the pool holds 4

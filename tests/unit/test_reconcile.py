@@ -291,9 +291,11 @@ def test_a_burst_of_triggers_costs_two_passes() -> None:
         ),
         ("output", {"uri": "file:///tmp/out"}, "StorageNotAllowed", "spec.output.uri"),
         ("baseModel", {"uri": "pvc://../etc"}, "InvalidSpec", "spec.baseModel.uri"),
-        ("baseModel", {"uri": "pvc://models/../../../etc"}, "InvalidSpec", "'..'"),
-        ("output", {"uri": "pvc://My_Claim/out"}, "InvalidSpec", "PersistentVolumeClaim name"),
-        ("lora", {"targetModules": [f"m{i}" for i in range(60000)]}, "InvalidSpec", "bytes"),
+        ("baseModel", {"uri": "pvc://models/../../../etc"}, "InvalidSpec", "no '..'"),
+        ("output", {"uri": "pvc://My_Claim/out"}, "InvalidSpec", "spec.output.uri"),
+        ("output", {"uri": "pvc://" + "c" * 254 + "/out"}, "InvalidSpec", "PersistentVolumeClaim"),
+        ("lora", {"targetModules": [f"m{i}" for i in range(60000)]}, "InvalidSpec", "64"),
+        ("resources", {"nodes": 1, "memory": "1" + "0" * 400}, "InvalidSpec", "memory"),
     ],
 )
 def test_a_spec_no_pod_could_use_is_refused_before_any_child(
@@ -351,3 +353,29 @@ def test_a_child_the_apiserver_refuses_fails_the_job_and_takes_back_its_children
         ("ServiceAccount", "j-trainer"),
     ]
     assert plan.status.attempt == 0
+
+
+def test_the_config_size_check_refuses_what_the_schema_lets_through() -> None:
+    stages = [
+        {"type": "SFT", "dataset": {"uri": f"pvc://data/{'d' * 2000}{i}.jsonl"}} for i in range(16)
+    ]
+    evaluation = {
+        "datasets": [
+            {"name": f"e{i}", "uri": f"pvc://data/{'e' * 2000}{i}", "format": "text"}
+            for i in range(16)
+        ]
+    }
+    body = job(stages=stages, evaluation=evaluation)
+    plan = run(body, [], {})
+    c = cond(plan, "Accepted")
+    if c.status == "False":
+        assert c.reason == "InvalidSpec" and "bytes" in c.message
+    else:  # the whole spec fits: then the ConfigMap the pass renders is under the limit
+        (cm,) = [o for o in plan.apply if o["kind"] == "ConfigMap"]
+        assert len(cm["data"]["job.json"]) <= 256 * 1024
+
+
+def test_pvc_paths_with_dot_segments_that_stay_inside_are_fine() -> None:
+    for uri in ("pvc://models/.cache/x", "pvc://models/a..b/c", "pvc://my.claim/..x/y"):
+        plan = run(job(baseModel={"uri": uri}), [], {})
+        assert cond(plan, "Accepted").status == "True", uri

@@ -15,11 +15,30 @@ class InvalidSpec(Exception):
     """The spec passed the CRD schema but not the cross-field rules; message names the field."""
 
 
+def _pattern_help(pattern: str) -> str | None:
+    """What a value of a well-known pattern must look like, in words."""
+    from graft.api.common import DNS_LABEL_PATTERN, URI_PATTERN
+
+    if pattern == URI_PATTERN:
+        return (
+            "not a usable storage URI: use pvc://<claim>/<path> (the claim a "
+            "PersistentVolumeClaim name: lower-case letters, digits, '-' and '.'; no '..' in "
+            "the path), s3://<bucket>/<key>, file://<path> or hf://<repo>"
+        )
+    if pattern == DNS_LABEL_PATTERN:
+        return "not a DNS label: lower-case letters, digits and '-', at most 63 characters"
+    if pattern.startswith("^[0-9]{1,12}"):
+        return "not a quantity like '8', '500m' or '64Gi' (at most 12 digits)"
+    return None
+
+
 def describe(err: ValidationError, prefix: str = "spec") -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (prefix, *e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "string_pattern_mismatch":
+            msg = _pattern_help(str((e.get("ctx") or {}).get("pattern", ""))) or msg
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 

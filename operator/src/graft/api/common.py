@@ -19,14 +19,26 @@ API_VERSION = f"{GROUP}/{VERSION}"
 #: ``file://`` a local path (``graft run`` and tests); ``hf://`` the Hugging Face hub, only
 #: where egress is allowed (air-gapped is the default assumption).
 URI_SCHEMES = ("pvc", "s3", "file", "hf")
-URI_PATTERN = r"^(pvc|s3|file|hf)://[^\s]+$"
+#: A path segment other than ".." (RE2 has no lookahead: ".", "..x", or a name not
+#: starting with two dots).
+_SEGMENT = r"(\.|\.\.[^/\s]+|\.?[^./\s][^/\s]*)"
+#: pvc://<claim>/<path>: the claim a DNS-1123 subdomain and no ".." in the path, so a path
+#: cannot leave the claim's mount; the other schemes: anything without spaces.
+URI_PATTERN = (
+    r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+    rf"(/{_SEGMENT}?)*|(s3|file|hf)://[^\s]+)$"
+)
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 StorageUri = Annotated[str, StringConstraints(pattern=URI_PATTERN, max_length=2048)]
 DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, max_length=63)]
+#: A Kubernetes quantity, bounded (12 digits, 6 decimals) so that no arithmetic on it
+#: overflows: "1" followed by 400 zeros is refused by the schema.
 Quantity = Annotated[
     str,
-    StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"),
+    StringConstraints(
+        pattern=r"^[0-9]{1,12}(\.[0-9]{1,6})?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$", max_length=24
+    ),
 ]
 
 

@@ -89,6 +89,7 @@ class Dataset(ApiModel):
     text_field: str = Field(
         default="text",
         min_length=1,
+        max_length=256,
         description="For format jsonl: the key holding each document's text.",
     )
 
@@ -98,10 +99,12 @@ class StageHyperparameters(ApiModel):
 
     epochs: int | None = Field(default=None, ge=1, le=1000, description="Passes over the data.")
     max_steps: int | None = Field(
-        default=None, ge=1, description="Optimizer steps; when set, wins over epochs."
+        default=None, ge=1, le=10**9, description="Optimizer steps; when set, wins over epochs."
     )
     learning_rate: float | None = Field(default=None, gt=0, le=1, description="Peak learning rate.")
-    warmup_steps: int | None = Field(default=None, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int | None = Field(
+        default=None, ge=0, le=10**9, description="Linear warm-up steps."
+    )
     max_seq_length: int | None = Field(
         default=None, ge=8, le=1048576, description="Tokens per training sequence."
     )
@@ -150,9 +153,14 @@ class DataPrep(ApiModel):
     near_dedup: NearDedup = Field(
         default_factory=NearDedup, description="MinHash near-duplicate removal."
     )
-    min_chars: int = Field(default=16, ge=0, description="Drop documents shorter than this.")
+    min_chars: int = Field(
+        default=16, ge=0, le=10**9, description="Drop documents shorter than this."
+    )
     max_chars: int | None = Field(
-        default=None, ge=1, description="Drop documents longer than this (unset: no limit)."
+        default=None,
+        ge=1,
+        le=10**9,
+        description="Drop documents longer than this (unset: no limit).",
     )
     max_non_alpha_ratio: float = Field(
         default=0.6,
@@ -176,9 +184,10 @@ class Lora(ApiModel):
     r: int = Field(default=16, ge=1, le=1024, description="Rank of the update matrices.")
     alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (alpha / r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+    target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
+        max_length=64,
         description="Names of the modules that get adapters (for LLaMA: q_proj, k_proj, v_proj, "
         "o_proj, gate_proj, up_proj, down_proj).",
     )
@@ -189,24 +198,35 @@ class Hyperparameters(ApiModel):
 
     epochs: int = Field(default=1, ge=1, le=1000, description="Passes over each stage's data.")
     max_steps: int | None = Field(
-        default=None, ge=1, description="Optimizer steps per stage; when set, wins over epochs."
+        default=None,
+        ge=1,
+        le=10**9,
+        description="Optimizer steps per stage; when set, wins over epochs.",
     )
     learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
     scheduler: Scheduler = Field(
         default=Scheduler.COSINE, description="Learning-rate schedule after warm-up."
     )
-    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int = Field(default=0, ge=0, le=10**9, description="Linear warm-up steps.")
     global_batch_size: int = Field(
         default=8,
         ge=1,
+        le=2**20,
         description="Sequences per optimizer step across all ranks "
         "(micro-batch x ranks x gradient-accumulation steps).",
     )
-    micro_batch_size: int = Field(default=1, ge=1, description="Sequences per rank per forward.")
+    micro_batch_size: int = Field(
+        default=1, ge=1, le=2**16, description="Sequences per rank per forward."
+    )
     max_seq_length: int = Field(
         default=2048, ge=8, le=1048576, description="Tokens per training sequence."
     )
-    seed: int = Field(default=42, ge=0, description="Seed for weights init, shuffling, dropout.")
+    seed: int = Field(
+        default=42,
+        ge=0,
+        le=2**53,
+        description="Seed for weights init, shuffling, dropout (at most 2^53, exact in JSON).",
+    )
     precision: Precision = Field(
         default=Precision.BF16,
         description="Compute precision: bf16 (A100 and newer), fp16, or fp32 (CPU).",
@@ -216,7 +236,7 @@ class Hyperparameters(ApiModel):
     )
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
     max_grad_norm: float = Field(
-        default=1.0, ge=0, description="Gradient clipping norm (0 turns clipping off)."
+        default=1.0, ge=0, le=1e6, description="Gradient clipping norm (0 turns clipping off)."
     )
 
     @model_validator(mode="after")
@@ -338,6 +358,7 @@ class EvaluationDataset(ApiModel):
     text_field: str = Field(
         default="text",
         min_length=1,
+        max_length=256,
         description="For format jsonl: the key holding each document's text.",
     )
     max_examples: int = Field(
@@ -457,7 +478,10 @@ class FineTuneJobSpec(ApiModel):
         default=None, description="Kueue LocalQueue; adds the kueue.x-k8s.io/queue-name label."
     )
     image: str | None = Field(
-        default=None, min_length=1, description="Trainer image; unset: the operator's default."
+        default=None,
+        min_length=1,
+        max_length=512,
+        description="Trainer image; unset: the operator's default.",
     )
 
 
