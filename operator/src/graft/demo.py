@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -256,6 +257,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from graft.local.run import RunOptions, run_job
 
+    cpus = os.cpu_count() or 1
+    if load0 > 2 * cpus and "OMP_NUM_THREADS" not in os.environ:
+        # OpenMP threads spin while they wait for each other; on an oversubscribed machine a
+        # descheduled thread leaves its peer spinning, and two threads run slower than one.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        console.print(
+            f"[yellow]load average {load0:.0f} on {cpus} CPUs: training with one thread[/]"
+        )
+
     console.rule("[bold]2. graft run: evaluate, continued pre-training, LoRA SFT, evaluate")
     t1 = time.monotonic()
     result = run_job(
@@ -267,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]training failed (exit {result.exit_code}); see above[/]")
         return result.exit_code
     train_s = time.monotonic() - t1
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time of the trainer process: unlike wall time, it hardly depends on other load.
+    train_cpu_s = child.ru_utime + child.ru_stime
     state = st.read_state(args.workdir, JOB_NAME) or {}
     ev = state.get("evaluation") or {}
 
@@ -310,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(total, 1),
         "importSeconds": round(import_s, 1),
         "trainSeconds": round(train_s, 1),
+        "trainerCpuSeconds": round(train_cpu_s, 1),
         "serveSeconds": round(serve_s, 1),
         "cpus": os.cpu_count(),
         "loadAverage": [round(load0, 1), round(load1, 1)],
@@ -321,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     result_file.write_text(json.dumps(summary, indent=2))
     console.print(
         f"[bold]Demo wall time: {total:.0f}s[/] (model import {import_s:.0f}s, graft run "
-        f"{train_s:.0f}s{f', serving {serve_s:.0f}s' if args.serve else ''}) on "
+        f"{train_s:.0f}s, of which the trainer used {train_cpu_s:.0f} CPU-seconds"
+        f"{f', serving {serve_s:.0f}s' if args.serve else ''}) on "
         f"{os.cpu_count()} CPUs, load average {load0:.1f} at the start and {load1:.1f} at the "
         f"end (other work on the machine slows it). Figures: {result_file}"
     )
