@@ -19,19 +19,93 @@ class Engine(StrEnum):
     TRANSFORMERS = "transformers"
 
 
+_ONE_SOURCE: dict[str, Any] = {"oneOf": [{"required": ["uri"]}, {"required": ["fromFineTuneJob"]}]}
+
+
+class CanaryRollback(ApiModel):
+    """When a canary is rolled back: compared with the stable version over a sliding window."""
+
+    window_seconds: float = Field(
+        default=60.0, ge=1, le=3600, description="Length of the window of recent requests."
+    )
+    min_requests: int = Field(
+        default=20,
+        ge=1,
+        le=100000,
+        description="Canary requests the window must hold before any verdict.",
+    )
+    max_error_rate_increase: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Roll back when the canary's error rate exceeds the stable version's by "
+        "more than this (0.05: five percentage points).",
+    )
+    max_p99_latency_ratio: float = Field(
+        default=1.5,
+        ge=1,
+        le=1000,
+        description="Roll back when the canary's p99 latency is more than this many times the "
+        "stable version's (compared once both have minRequests in the window).",
+    )
+
+
+class AdapterCanary(ApiModel):
+    """A new version of an adapter taking a share of its requests; exactly one of uri,
+    fromFineTuneJob."""
+
+    model_config = ApiModel.model_config | {"json_schema_extra": _ONE_SOURCE}
+
+    uri: StorageUri | None = Field(
+        default=None, description="Where the new version's peft adapter directory is."
+    )
+    from_fine_tune_job: DnsLabel | None = Field(
+        default=None,
+        description="FineTuneJob in the same namespace whose output is the new version.",
+    )
+    allow_unevaluated: bool = Field(
+        default=False,
+        description="Serve the new version even if its FineTuneJob's evaluation gate did not pass.",
+    )
+    weight: int = Field(
+        ge=0,
+        le=100,
+        description="Percent of the requests for this adapter's name sent to the new version.",
+    )
+    rollback: CanaryRollback = Field(
+        default_factory=CanaryRollback,
+        description="Automatic rollback when the new version does worse than the stable one.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AdapterCanary:
+        if (self.uri is None) == (self.from_fine_tune_job is None):
+            raise ValueError("canary: set exactly one of uri or fromFineTuneJob")
+        return self
+
+
 class Adapter(ApiModel):
     """A LoRA adapter served beside the base model; give exactly one of uri, fromFineTuneJob."""
 
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": {"oneOf": [{"required": ["uri"]}, {"required": ["fromFineTuneJob"]}]}
-    }
+    model_config = ApiModel.model_config | {"json_schema_extra": _ONE_SOURCE}
 
     name: DnsLabel = Field(description="Model name clients pass in the OpenAI `model` field.")
     uri: StorageUri | None = Field(default=None, description="Where the peft adapter directory is.")
     from_fine_tune_job: DnsLabel | None = Field(
         default=None,
         description="Name of a FineTuneJob in the same namespace; its status.output is used "
-        "once it succeeds, and the adapter is added without restarting the Ray cluster.",
+        "once it succeeds and its evaluation gate (if any) passed, and the adapter is added "
+        "without restarting the Ray cluster.",
+    )
+    allow_unevaluated: bool = Field(
+        default=False,
+        description="Serve a fromFineTuneJob adapter even if the job's evaluation gate failed "
+        "or has no result.",
+    )
+    canary: AdapterCanary | None = Field(
+        default=None,
+        description="A new version rolled out to a share of this adapter's requests, rolled "
+        "back automatically when it does worse than this (stable) version.",
     )
 
     @model_validator(mode="after")
@@ -143,6 +217,32 @@ class ModelServicePhase(StrEnum):
     FAILED = "Failed"
 
 
+class CanaryState(StrEnum):
+    WAITING = "Waiting"
+    PROGRESSING = "Progressing"
+    ROLLED_BACK = "RolledBack"
+
+
+class CanaryStatus(ApiModel):
+    """Where one adapter's canary stands."""
+
+    name: str = Field(description="The adapter's name.")
+    stable_uri: str | None = Field(default=None, description="Where the stable version is.")
+    canary_uri: str | None = Field(default=None, description="Where the new version is.")
+    version: str | None = Field(
+        default=None, description="Short hash of canaryUri that replicas report it under."
+    )
+    weight: int = Field(
+        default=0, ge=0, le=100, description="Percent of requests sent to the new version now."
+    )
+    state: CanaryState = Field(
+        description="Waiting (the new version cannot be served yet), Progressing (it takes "
+        "its weight) or RolledBack (it takes nothing until its uri changes)."
+    )
+    reason: str | None = Field(default=None, description="Why it is waiting or was rolled back.")
+    last_transition_time: str | None = Field(default=None, description="When state last changed.")
+
+
 class ModelServiceStatus(ApiModel):
     """Observed state of a ModelService."""
 
@@ -155,6 +255,9 @@ class ModelServiceStatus(ApiModel):
     replicas: int = Field(default=0, ge=0, description="Serving replicas.")
     ready_replicas: int = Field(default=0, ge=0, description="Replicas ready for traffic.")
     adapters: list[str] = Field(default_factory=list, description="Adapters loaded now.")
+    canaries: list[CanaryStatus] = Field(
+        default_factory=list, description="Adapter versions being rolled out, one per adapter."
+    )
 
 
 class ModelService(ApiModel):

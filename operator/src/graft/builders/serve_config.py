@@ -7,6 +7,7 @@ checks it; this module does not import ray). Adapters are in the deployment's
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -24,11 +25,50 @@ SERVE_PORT = 8000
 
 
 @dataclass(frozen=True)
+class ResolvedCanary:
+    """A new version of an adapter with a concrete URI and its share and rollback policy."""
+
+    uri: str
+    weight: int
+    window_seconds: float = 60.0
+    min_requests: int = 20
+    max_error_rate_increase: float = 0.05
+    max_p99_latency_ratio: float = 1.5
+
+    @property
+    def version(self) -> str:
+        """What replicas report the new version as (its URI stays out of their endpoints)."""
+        return canary_version(self.uri)
+
+    def user_config(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "version": self.version,
+            "weight": self.weight,
+            "windowSeconds": self.window_seconds,
+            "minRequests": self.min_requests,
+            "maxErrorRateIncrease": self.max_error_rate_increase,
+            "maxP99LatencyRatio": self.max_p99_latency_ratio,
+        }
+
+
+def canary_version(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
 class ResolvedAdapter:
     """An adapter with a concrete URI (``fromFineTuneJob`` already looked up)."""
 
     name: str
     uri: str
+    canary: ResolvedCanary | None = None
+
+    def user_config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "uri": self.uri}
+        if self.canary is not None:
+            out["canary"] = self.canary.user_config()
+        return out
 
 
 def served_name(msvc: ModelService) -> str:
@@ -106,9 +146,7 @@ def build_serve_config(msvc: ModelService, adapters: list[ResolvedAdapter]) -> d
                             "downscale_delay_s": a.downscale_delay_seconds,
                         },
                         "ray_actor_options": actor,
-                        "user_config": {
-                            "adapters": [{"name": x.name, "uri": x.uri} for x in adapters]
-                        },
+                        "user_config": {"adapters": [x.user_config() for x in adapters]},
                     }
                 ],
             }

@@ -9,7 +9,11 @@ import kopf
 from graft.api.common import GROUP, VERSION
 from graft.api.modelservice import PLURAL
 from graft.builders.rayservice import LABEL_MODELSERVICE
-from graft.reconcile.modelservice import ModelServiceReconciler
+from graft.reconcile.modelservice import ModelServiceReconciler, watches_canaries
+
+#: How often a service with a progressing canary asks its replicas whether they rolled it
+#: back (replicas stop sending it traffic on their own at once; this makes it stick).
+CANARY_POLL_SECONDS = 15.0
 
 
 def _rec(memo: Any) -> ModelServiceReconciler:
@@ -40,6 +44,15 @@ async def service_changed(name: str, namespace: str | None, memo: Any, **_: Any)
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 async def service_deleted(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
     _rec(memo).forget(str(namespace), name)
+
+
+def _has_canary(status: kopf.Status, **_: Any) -> bool:
+    return watches_canaries({"status": dict(status)})
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=CANARY_POLL_SECONDS, when=_has_canary)
+async def canary_watch(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    await _rec(memo).reconcile(str(namespace), name)
 
 
 @kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_MODELSERVICE: kopf.PRESENT})

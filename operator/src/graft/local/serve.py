@@ -19,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from graft.api.modelservice import Engine
 from graft.builders.serve_config import (
     APP_NAME,
     DEPLOYMENT_NAME,
     ResolvedAdapter,
+    ResolvedCanary,
     build_serve_config,
     replica_cpus,
     served_name,
@@ -64,40 +67,109 @@ def absolute_uri(uri: str, pvc_root: Path) -> str:
     return f"file://{path}" if path is not None else uri
 
 
-def resolve_adapters(svc: ServiceFile, opts: ServeOptions) -> list[ResolvedAdapter]:
+def gate_refusal(state: dict[str, Any]) -> str | None:
+    """Why a succeeded local run's output must not be served, or None when it may: the
+    rule of the operator (docs/modelservice.md, "Promotion gate") on ``graft run``'s state."""
+    evaluation = state.get("evaluation")
+    passed = evaluation.get("passed") if isinstance(evaluation, dict) else None
+    if passed is True:
+        return None
+    if passed is False or (state.get("output") or {}).get("promotable") is False:
+        return "did not pass its evaluation gate"
+    try:
+        job = yaml.safe_load(Path(str(state.get("file"))).read_text()) or {}
+        gate = ((job.get("spec") or {}).get("evaluation") or {}).get("gate")
+    except (OSError, yaml.YAMLError, AttributeError):
+        gate = None
+    return "has an evaluation gate but no evaluation result" if gate else None
+
+
+def _job_uri(
+    svc: ServiceFile, opts: ServeOptions, field_: str, job: str, allow_unevaluated: bool
+) -> tuple[str | None, str | None]:
+    """(URI, None), or (None, why) when the job's gate keeps its output out of service;
+    SpecError when the job cannot be served at all."""
+    where = st.state_path(opts.workdir, job)
+    state = st.read_state(opts.workdir, job)
+    if state is None:
+        raise SpecError(
+            f"{svc.path}: {field_}: no local run of FineTuneJob {job!r} ({where} not "
+            f"found); run `graft run <its file>` first with --workdir {opts.workdir}, "
+            "or give the adapter a uri"
+        )
+    if state.get("phase") != "Succeeded":
+        raise SpecError(
+            f"{svc.path}: {field_}: FineTuneJob {job!r} has not succeeded here (phase "
+            f"{state.get('phase')}); run `graft run {state.get('file', '<its file>')}` "
+            "again to finish it"
+        )
+    output = state.get("output") or {}
+    if output.get("kind") not in (None, "adapter"):
+        raise SpecError(
+            f"{svc.path}: {field_}: FineTuneJob {job!r} wrote a full model "
+            f"({output.get('uri')}), not an adapter; serve it as the base model instead"
+        )
+    refusal = gate_refusal(state)
+    if refusal is not None and not allow_unevaluated:
+        return None, (
+            f"{field_}: FineTuneJob {job!r} {refusal}; not served. Retrain, or set "
+            "allowUnevaluated: true to serve it anyway"
+        )
+    path = output.get("path")
+    return (f"file://{path}" if path else str(output.get("uri"))), None
+
+
+def resolve_adapters(
+    svc: ServiceFile, opts: ServeOptions, notes: list[str] | None = None
+) -> list[ResolvedAdapter]:
     """Each adapter with a concrete URI; ``fromFineTuneJob: X`` is read from the state file
-    that ``graft run`` wrote for X (``<workdir>/jobs/X.json``)."""
+    that ``graft run`` wrote for X (``<workdir>/jobs/X.json``). An adapter (or canary) whose
+    job did not pass its evaluation gate is left out, with a line in ``notes``."""
     out = []
+    notes = notes if notes is not None else []
     pvc_root = opts.pvc_root.absolute()
     for a in svc.spec.model.adapters:
+        field_ = f"spec.model.adapters[{a.name}]"
         if a.uri is not None:
-            out.append(ResolvedAdapter(a.name, absolute_uri(a.uri, pvc_root)))
+            uri: str | None = absolute_uri(a.uri, pvc_root)
+        else:
+            uri, why = _job_uri(
+                svc,
+                opts,
+                f"{field_}.fromFineTuneJob",
+                str(a.from_fine_tune_job),
+                a.allow_unevaluated,
+            )
+            if why is not None:
+                notes.append(why)
+        if uri is None:
             continue
-        job = str(a.from_fine_tune_job)
-        where = st.state_path(opts.workdir, job)
-        state = st.read_state(opts.workdir, job)
-        field_ = f"spec.model.adapters[{a.name}].fromFineTuneJob"
-        if state is None:
-            raise SpecError(
-                f"{svc.path}: {field_}: no local run of FineTuneJob {job!r} ({where} not "
-                f"found); run `graft run <its file>` first with --workdir {opts.workdir}, "
-                "or give the adapter a uri"
-            )
-        if state.get("phase") != "Succeeded":
-            raise SpecError(
-                f"{svc.path}: {field_}: FineTuneJob {job!r} has not succeeded here (phase "
-                f"{state.get('phase')}); run `graft run {state.get('file', '<its file>')}` "
-                "again to finish it"
-            )
-        output = state.get("output") or {}
-        if output.get("kind") not in (None, "adapter"):
-            raise SpecError(
-                f"{svc.path}: {field_}: FineTuneJob {job!r} wrote a full model "
-                f"({output.get('uri')}), not an adapter; serve it as the base model instead"
-            )
-        path = output.get("path")
-        uri = f"file://{path}" if path else str(output.get("uri"))
-        out.append(ResolvedAdapter(a.name, uri))
+        canary = None
+        if a.canary is not None:
+            c = a.canary
+            if c.uri is not None:
+                curi: str | None = absolute_uri(c.uri, pvc_root)
+            else:
+                curi, why = _job_uri(
+                    svc,
+                    opts,
+                    f"{field_}.canary.fromFineTuneJob",
+                    str(c.from_fine_tune_job),
+                    c.allow_unevaluated,
+                )
+                if why is not None:
+                    notes.append(why)
+            if curi is not None:
+                r = c.rollback
+                canary = ResolvedCanary(
+                    curi,
+                    c.weight,
+                    window_seconds=r.window_seconds,
+                    min_requests=r.min_requests,
+                    max_error_rate_increase=r.max_error_rate_increase,
+                    max_p99_latency_ratio=r.max_p99_latency_ratio,
+                )
+        out.append(ResolvedAdapter(a.name, uri, canary))
     return out
 
 
@@ -159,7 +231,8 @@ def local_service(svc: ServiceFile, opts: ServeOptions | None = None) -> Iterato
     from ray.serve.schema import ServeDeploySchema
 
     opts = opts or ServeOptions()
-    adapters = resolve_adapters(svc, opts)
+    held: list[str] = []
+    adapters = resolve_adapters(svc, opts, held)
     if opts.api_key_file is not None:
         read_api_keys(opts.api_key_file)
     env = {
@@ -192,7 +265,7 @@ def local_service(svc: ServiceFile, opts: ServeOptions | None = None) -> Iterato
             model=served_name(_with_name(svc)),
             adapters=[a.name for a in adapters],
             config=cfg,
-            notes=notes,
+            notes=held + notes,
         )
     finally:
         try:

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -23,6 +23,8 @@ from graft.api.common import API_VERSION, Condition, ConditionStatus, set_condit
 from graft.api.finetunejob import Resources
 from graft.api.modelservice import (
     KIND,
+    CanaryState,
+    CanaryStatus,
     ModelService,
     ModelServicePhase,
     ModelServiceSpec,
@@ -30,11 +32,12 @@ from graft.api.modelservice import (
 )
 from graft.builders import naming
 from graft.builders import rayservice as rs
-from graft.builders.serve_config import APP_NAME, ResolvedAdapter
+from graft.builders.serve_config import APP_NAME, SERVE_PORT, ResolvedAdapter, ResolvedCanary
 from graft.config import NodePool, Settings
 from graft.kube import Kube
 from graft.placement import PlacementError, place
 from graft.reconcile.common import Coalescer, status_patch
+from graft.serve_client import HttpServeClient, ServeClient
 from graft.validation import InvalidSpec, parse_spec
 
 log = logging.getLogger(__name__)
@@ -81,46 +84,244 @@ def choose_pool(spec: ModelServiceSpec, pools: list[NodePool]) -> NodePool | Non
     return next(p for p in pools if p.name == placement.node_pool)
 
 
+@dataclasses.dataclass
+class Resolution:
+    """What the spec's adapters resolve to now."""
+
+    ready: list[ResolvedAdapter] = dataclasses.field(default_factory=list)
+    waiting: list[str] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    gated: list[str] = dataclasses.field(default_factory=list)
+    #: adapter name -> (canary URI or None, why it cannot be served yet)
+    canaries: dict[str, tuple[str | None, str]] = dataclasses.field(default_factory=dict)
+
+
+def gate_refusal(job: Mapping[str, Any]) -> str | None:
+    """Why a succeeded job's output must not be served, or None when it may.
+
+    Served when ``status.evaluation.passed`` is true or the job has no gate. Read from the
+    raw object so that a job written before ``status.evaluation`` existed still resolves.
+    """
+    st = job.get("status") or {}
+    evaluation = st.get("evaluation")
+    passed = evaluation.get("passed") if isinstance(evaluation, dict) else None
+    if passed is True:
+        return None
+    cond = _find(st.get("conditions"), "EvaluationPassed") or {}
+    figures = f" ({cond['message']})" if cond.get("message") else ""
+    if passed is False or (st.get("output") or {}).get("promotable") is False:
+        return f"did not pass its evaluation gate{figures}"
+    gate = ((job.get("spec") or {}).get("evaluation") or {}).get("gate")
+    if gate:
+        return "has an evaluation gate but no evaluation result in its status"
+    return None
+
+
+def _resolve_job(
+    what: str, job_name: str, allow_unevaluated: bool, jobs: Mapping[str, dict[str, Any] | None]
+) -> tuple[str | None, str, str]:
+    """(URI or None, kind of problem: ''|waiting|error|gated, message) for a fromFineTuneJob."""
+    job = jobs.get(job_name)
+    if job is None:
+        return (
+            None,
+            "error",
+            f"{what}: FineTuneJob {job_name!r} not found in this namespace; create it or fix "
+            "fromFineTuneJob",
+        )
+    st = job.get("status") or {}
+    phase = st.get("phase")
+    output = st.get("output") or {}
+    if phase == "Failed":
+        return (
+            None,
+            "error",
+            (f"{what}: FineTuneJob {job_name!r} failed; see `kubectl describe ftj {job_name}`"),
+        )
+    if phase != "Succeeded" or not output.get("uri"):
+        return (
+            None,
+            "waiting",
+            (f"{what}: waiting for FineTuneJob {job_name!r} ({phase or 'Pending'})"),
+        )
+    if output.get("kind") == "model":
+        return (
+            None,
+            "error",
+            (
+                f"{what}: FineTuneJob {job_name!r} produced a full model, not an adapter; serve it "
+                "as model.baseModel instead"
+            ),
+        )
+    refusal = gate_refusal(job)
+    if refusal is not None and not allow_unevaluated:
+        return (
+            None,
+            "gated",
+            (
+                f"{what}: FineTuneJob {job_name!r} {refusal}; not served. Retrain, or set "
+                "allowUnevaluated: true to serve it anyway"
+            ),
+        )
+    return str(output["uri"]), "", ""
+
+
 def resolve_adapters(
     spec: ModelServiceSpec, jobs: Mapping[str, dict[str, Any] | None]
-) -> tuple[list[ResolvedAdapter], list[str], list[str]]:
-    """(ready adapters, waiting messages, error messages) for the spec's adapters."""
-    ready: list[ResolvedAdapter] = []
-    waiting: list[str] = []
-    errors: list[str] = []
+) -> Resolution:
+    """Each adapter's stable and canary versions, or why they cannot be served."""
+    out = Resolution()
     for a in spec.model.adapters:
         if a.uri is not None:
-            ready.append(ResolvedAdapter(a.name, a.uri))
-            continue
-        job_name = str(a.from_fine_tune_job)
-        job = jobs.get(job_name)
-        if job is None:
-            errors.append(
-                f"adapter {a.name}: FineTuneJob {job_name!r} not found in this "
-                "namespace; create it or fix fromFineTuneJob"
-            )
-            continue
-        st = job.get("status") or {}
-        phase = st.get("phase")
-        output = st.get("output") or {}
-        if phase == "Failed":
-            errors.append(
-                f"adapter {a.name}: FineTuneJob {job_name!r} failed; see "
-                f"`kubectl describe ftj {job_name}`"
-            )
-        elif phase == "Succeeded" and output.get("uri"):
-            if output.get("kind") == "model":
-                errors.append(
-                    f"adapter {a.name}: FineTuneJob {job_name!r} produced a full "
-                    "model, not an adapter; serve it as model.baseModel instead"
-                )
-            else:
-                ready.append(ResolvedAdapter(a.name, str(output["uri"])))
+            uri: str | None = a.uri
         else:
-            waiting.append(
-                f"adapter {a.name}: waiting for FineTuneJob {job_name!r} ({phase or 'Pending'})"
+            uri, kind, msg = _resolve_job(
+                f"adapter {a.name}", str(a.from_fine_tune_job), a.allow_unevaluated, jobs
             )
-    return ready, waiting, errors
+            if uri is None:
+                {"waiting": out.waiting, "error": out.errors, "gated": out.gated}[kind].append(msg)
+        if a.canary is None:
+            if uri is not None:
+                out.ready.append(ResolvedAdapter(a.name, uri))
+            continue
+        c = a.canary
+        if c.uri is not None:
+            curi: str | None = c.uri
+            why = ""
+        else:
+            curi, _, why = _resolve_job(
+                f"canary of {a.name}", str(c.from_fine_tune_job), c.allow_unevaluated, jobs
+            )
+        if uri is None:
+            curi, why = None, "the stable version is not served; see AdaptersReady"
+        out.canaries[a.name] = (curi, why)
+        if uri is not None:
+            canary = None
+            if curi is not None:
+                r = c.rollback
+                canary = ResolvedCanary(
+                    curi,
+                    c.weight,
+                    window_seconds=r.window_seconds,
+                    min_requests=r.min_requests,
+                    max_error_rate_increase=r.max_error_rate_increase,
+                    max_p99_latency_ratio=r.max_p99_latency_ratio,
+                )
+            out.ready.append(ResolvedAdapter(a.name, uri, canary))
+    return out
+
+
+def reported_rollbacks(
+    reports: Sequence[Mapping[str, Any]], names: set[str]
+) -> dict[tuple[str, str], str]:
+    """(adapter, version) -> reason, for each canary a replica says it rolled back.
+
+    Replicas can only make the operator take traffic away from a canary, never give it
+    some; anything malformed is ignored.
+    """
+    out: dict[tuple[str, str], str] = {}
+    for report in reports:
+        canaries = report.get("canaries") if isinstance(report, Mapping) else None
+        if not isinstance(canaries, Mapping):
+            continue
+        for name, c in canaries.items():
+            if name not in names or not isinstance(c, Mapping):
+                continue
+            version, state, reason = c.get("version"), c.get("state"), c.get("reason")
+            if isinstance(version, str) and state == "RolledBack":
+                out[(name, version)] = str(reason or "rolled back by a replica")[:500]
+    return out
+
+
+def canary_step(
+    res: Resolution,
+    prev: list[CanaryStatus],
+    rollbacks: Mapping[tuple[str, str], str],
+    stamp: str,
+) -> tuple[list[ResolvedAdapter], list[CanaryStatus], list[tuple[str, str, str]]]:
+    """The adapters to render (rolled-back canaries dropped), the canary status, events."""
+    before = {c.name: c for c in prev}
+    ready: list[ResolvedAdapter] = []
+    statuses: list[CanaryStatus] = []
+    events: list[tuple[str, str, str]] = []
+    stable_uris = {a.name: a.uri for a in res.ready}
+    for a in res.ready:
+        old = before.get(a.name)
+        if a.canary is None:
+            ready.append(a)
+            continue
+        version = a.canary.version
+        same = old is not None and old.version == version
+        rolled = rollbacks.get((a.name, version))
+        if same and old is not None and old.state == CanaryState.ROLLED_BACK:
+            ready.append(ResolvedAdapter(a.name, a.uri))
+            statuses.append(old)
+            continue
+        if rolled is not None:
+            ready.append(ResolvedAdapter(a.name, a.uri))
+            statuses.append(
+                CanaryStatus(
+                    name=a.name,
+                    stable_uri=a.uri,
+                    canary_uri=a.canary.uri,
+                    version=version,
+                    weight=0,
+                    state=CanaryState.ROLLED_BACK,
+                    reason=rolled,
+                    last_transition_time=stamp,
+                )
+            )
+            events.append(
+                ("Warning", "CanaryRolledBack", f"adapter {a.name} version {version}: {rolled}")
+            )
+            continue
+        ready.append(a)
+        progressing = same and old is not None and old.state == CanaryState.PROGRESSING
+        if not progressing or (old is not None and old.weight != a.canary.weight):
+            events.append(
+                (
+                    "Normal",
+                    "CanaryStarted" if not progressing else "CanaryWeightChanged",
+                    f"adapter {a.name}: version {version} takes {a.canary.weight}% of requests",
+                )
+            )
+        statuses.append(
+            CanaryStatus(
+                name=a.name,
+                stable_uri=a.uri,
+                canary_uri=a.canary.uri,
+                version=version,
+                weight=a.canary.weight,
+                state=CanaryState.PROGRESSING,
+                last_transition_time=old.last_transition_time
+                if progressing and old is not None
+                else stamp,
+            )
+        )
+    for name, (curi, why) in res.canaries.items():
+        if any(c.name == name for c in statuses):
+            continue
+        old = before.get(name)
+        keep = old is not None and old.state == CanaryState.WAITING and old.reason == why
+        statuses.append(
+            CanaryStatus(
+                name=name,
+                stable_uri=stable_uris.get(name),
+                canary_uri=curi,
+                weight=0,
+                state=CanaryState.WAITING,
+                reason=why,
+                last_transition_time=old.last_transition_time if keep and old else stamp,
+            )
+        )
+    for name, old in before.items():
+        if name in res.canaries or old.state != CanaryState.PROGRESSING:
+            continue
+        if old.canary_uri is not None and stable_uris.get(name) == old.canary_uri:
+            events.append(("Normal", "CanaryPromoted", f"adapter {name}: version {old.version}"))
+        else:
+            events.append(("Normal", "CanaryRemoved", f"adapter {name}: version {old.version}"))
+    return ready, statuses, events
 
 
 def _find(conditions: Any, type_: str) -> dict[str, Any] | None:
@@ -150,7 +351,10 @@ def decide(
     live: Mapping[str, Any] | None,
     settings: Settings,
     now: dt.datetime,
+    reports: Sequence[Mapping[str, Any]] = (),
 ) -> Plan:
+    """The RayService to apply and the new status; ``reports`` are what replicas said
+    about their canaries (``/readyz``), trusted only to roll a canary back."""
     meta = dict(body.get("metadata") or {})
     gen = meta.get("generation")
     raw = {k: v for k, v in (body.get("status") or {}).items() if k != "graft"}
@@ -187,15 +391,27 @@ def decide(
         conds = _cond(conds, "Ready", False, "Unschedulable", msg, gen, now)
         return finish(ModelServicePhase.FAILED)
 
-    ready, waiting, errors = resolve_adapters(spec, jobs)
-    if errors:
-        msg = "; ".join(errors)
-        if not was("AdaptersReady", "AdapterUnavailable"):
-            plan.events.append(("Warning", "AdapterUnavailable", msg))
-        conds = _cond(conds, "AdaptersReady", False, "AdapterUnavailable", msg, gen, now)
-    elif waiting:
+    res = resolve_adapters(spec, jobs)
+    names = {a.name for a in spec.model.adapters}
+    ready, st.canaries, canary_events = canary_step(
+        res, st.canaries, reported_rollbacks(reports, names), now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+    plan.events.extend(canary_events)
+    if res.errors or res.gated:
+        reason = "AdapterUnavailable" if res.errors else "EvaluationGateFailed"
+        msg = "; ".join(res.errors + res.gated)
+        if not was("AdaptersReady", reason):
+            plan.events.append(("Warning", reason, msg))
+        conds = _cond(conds, "AdaptersReady", False, reason, msg, gen, now)
+    elif res.waiting:
         conds = _cond(
-            conds, "AdaptersReady", False, "WaitingForFineTuneJob", "; ".join(waiting), gen, now
+            conds,
+            "AdaptersReady",
+            False,
+            "WaitingForFineTuneJob",
+            "; ".join(res.waiting),
+            gen,
+            now,
         )
     else:
         conds = _cond(
@@ -282,6 +498,15 @@ def decide(
     return finish(phase)
 
 
+def watches_canaries(body: Mapping[str, Any]) -> bool:
+    """Whether a pass should ask the replicas about their canaries: one is progressing."""
+    return any(
+        c.get("state") == CanaryState.PROGRESSING.value
+        for c in (body.get("status") or {}).get("canaries") or []
+        if isinstance(c, dict)
+    )
+
+
 def _hash(obj: Mapping[str, Any]) -> str | None:
     ann = (obj.get("metadata") or {}).get("annotations") or {}
     value = ann.get(naming.ANNOTATION_SPEC_HASH)
@@ -295,12 +520,17 @@ def _differs(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     )
 
 
+#: How many replica reports one pass asks for; each comes from a replica Serve picks.
+CANARY_REPORT_SAMPLES = 4
+
+
 class ModelServiceReconciler:
     """Runs passes, one at a time per ModelService."""
 
-    def __init__(self, kube: Kube, settings: Settings) -> None:
+    def __init__(self, kube: Kube, settings: Settings, serve: ServeClient | None = None) -> None:
         self.kube = kube
         self.settings = settings
+        self.serve: ServeClient = serve or HttpServeClient()
         self._passes = Coalescer()
 
     def forget(self, namespace: str, name: str) -> None:
@@ -308,6 +538,16 @@ class ModelServiceReconciler:
 
     async def reconcile(self, namespace: str, name: str) -> None:
         await self._passes.run((namespace, name), lambda: self._pass(namespace, name))
+
+    async def _canary_reports(
+        self, body: Mapping[str, Any], live: Mapping[str, Any] | None
+    ) -> list[dict[str, Any]]:
+        if live is None or not watches_canaries(body):
+            return []
+        meta = body.get("metadata") or {}
+        svc = f"{naming.fit(str(meta.get('name')), rs.RAYSERVICE_NAME_MAX)}-serve-svc"
+        base = f"http://{svc}.{meta.get('namespace')}.svc:{SERVE_PORT}"
+        return await self.serve.reports(base, samples=CANARY_REPORT_SAMPLES)
 
     async def _pass(self, namespace: str, name: str) -> None:
         t0 = asyncio.get_running_loop().time()
@@ -323,7 +563,8 @@ class ModelServiceReconciler:
                 jobs[job] = await self.kube.get_custom(API_VERSION, "FineTuneJob", namespace, job)
         rs_name = naming.fit(name, rs.RAYSERVICE_NAME_MAX)
         live = await self.kube.get_custom(RAY_API_VERSION, "RayService", namespace, rs_name)
-        plan = decide(body, jobs, live, self.settings, dt.datetime.now(dt.UTC))
+        reports = await self._canary_reports(body, live)
+        plan = decide(body, jobs, live, self.settings, dt.datetime.now(dt.UTC), reports)
         owner = kopf.Body(
             {
                 "apiVersion": body["apiVersion"],

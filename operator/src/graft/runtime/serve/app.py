@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from graft.runtime.serve import storage
 from graft.runtime.serve.auth import ApiKeys, bearer
+from graft.runtime.serve.canary import CanaryArg, engine_name
 from graft.runtime.serve.engine import make_engine, resolve_engine_name
 from graft.runtime.serve.metrics import Metrics
 from graft.runtime.serve.protocol import OpenAIError
@@ -64,6 +65,7 @@ class ServeArgs(_Args):
 class AdapterSpec(_Args):
     name: str = Field(min_length=1)
     uri: str = Field(min_length=1)
+    canary: CanaryArg | None = None
 
 
 class UserConfig(_Args):
@@ -189,10 +191,13 @@ class LLMServer:
         the good adapters down with it.
         """
         try:
-            wanted = {a.name: a.uri for a in UserConfig.model_validate(config or {}).adapters}
+            specs = UserConfig.model_validate(config or {}).adapters
         except ValidationError as e:
             log.error("ignoring invalid user_config: %s", e)
             return
+        # A canary is one more engine adapter; the router decides who gets it.
+        wanted = {a.name: a.uri for a in specs}
+        wanted.update({engine_name(a.name): a.canary.uri for a in specs if a.canary})
         for name in [n for n in self._uris if wanted.get(n) != self._uris[n]]:
             await self._engine.remove_adapter(name)
             del self._uris[name]
@@ -213,6 +218,7 @@ class LLMServer:
             self._failed.pop(name, None)
         if self._args.model.name in wanted:
             self._failed[self._args.model.name] = ADAPTER_NAME_TAKEN
+        self._service.canaries.configure({a.name: a.canary for a in specs}, self._failed)
 
     def check_health(self) -> None:
         self._engine.check_health()
@@ -244,6 +250,7 @@ class LLMServer:
                 "model": self._args.model.name,
                 "adapters": self._engine.adapters(),
                 "failedAdapters": self._failed,
+                "canaries": self._service.canaries.report(),
                 "replica": self._replica,
                 "pid": os.getpid(),
             },

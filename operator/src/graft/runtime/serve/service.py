@@ -14,6 +14,7 @@ from typing import Any
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from graft.runtime.serve import protocol as p
+from graft.runtime.serve.canary import CanaryRouter, Route, is_internal
 from graft.runtime.serve.chat import message_text, render_chat
 from graft.runtime.serve.engine import (
     Engine,
@@ -25,8 +26,18 @@ from graft.runtime.serve.engine import (
 from graft.runtime.serve.metrics import Metrics
 
 
+class _Request:
+    """One request's route, once known, so that its outcome can be recorded."""
+
+    def __init__(self, start: float, route: str) -> None:
+        self.start = start
+        self.route = route
+        self.canary: Route | None = None
+
+
 class OpenAIService:
-    """Maps OpenAI requests to engine requests; ``model`` picks the base or an adapter."""
+    """Maps OpenAI requests to engine requests; ``model`` picks the base or an adapter
+    (and, for an adapter with a canary, which version answers)."""
 
     def __init__(
         self,
@@ -41,9 +52,13 @@ class OpenAIService:
         self._metrics = metrics
         self._headers = headers or {}
         self._created = p.now()
+        self.canaries = CanaryRouter()
+
+    def _public_adapters(self) -> list[str]:
+        return [a for a in self.engine.adapters() if not is_internal(a)]
 
     def models(self) -> dict[str, Any]:
-        names = [self.served_name, *self.engine.adapters()]
+        names = [self.served_name, *self._public_adapters()]
         return {"object": "list", "data": [self.model_card(n) for n in names]}
 
     def model_card(self, name: str) -> dict[str, Any]:
@@ -62,12 +77,12 @@ class OpenAIService:
     def _adapter_for(self, name: str) -> str | None:
         if name == self.served_name:
             return None
-        if name in self.engine.adapters():
+        if name in self._public_adapters():
             return name
         raise p.model_not_found(name)
 
     def _label(self, name: str) -> str:
-        return name if name == self.served_name or name in self.engine.adapters() else "unknown"
+        return name if name == self.served_name or name in self._public_adapters() else "unknown"
 
     async def completions(self, body: bytes) -> Response:
         return await self._handle("completions", body, self._completions)
@@ -79,30 +94,48 @@ class OpenAIService:
         self,
         route: str,
         body: bytes,
-        fn: Callable[[bytes, float, str], Awaitable[tuple[str, Response]]],
+        fn: Callable[[bytes, _Request], Awaitable[tuple[str, Response]]],
     ) -> Response:
-        start = time.perf_counter()
+        req = _Request(time.perf_counter(), route)
         model = "unknown"
         try:
-            model, response = await fn(body, start, route)
+            model, response = await fn(body, req)
         except p.OpenAIError as e:
             self._count(model, route, e.status, None)
+            self._outcome(req, ok=e.status < 500)
             return JSONResponse(e.body(), status_code=e.status, headers=self._headers)
         except EngineError as e:
             self._count(model, route, 400, None)
+            self._outcome(req, ok=True)
             err = p.OpenAIError(400, str(e))
             return JSONResponse(err.body(), status_code=400, headers=self._headers)
+        except Exception:
+            self._outcome(req, ok=False)
+            raise
         if not isinstance(response, StreamingResponse):
-            self._count(model, route, 200, time.perf_counter() - start)
+            self._count(model, route, 200, time.perf_counter() - req.start)
+            self._outcome(req, ok=True)
         return response
+
+    def _outcome(self, req: _Request, *, ok: bool) -> None:
+        # A refused request (4xx) is the client's doing, not the version's; it counts as
+        # served so that a canary is judged on what it answers.
+        if req.canary is not None:
+            self.canaries.record(req.canary, ok=ok, latency_s=time.perf_counter() - req.start)
 
     def _count(self, model: str, route: str, status: int, latency: float | None) -> None:
         if self._metrics is not None:
             self._metrics.request_done(model=model, route=route, status=status, latency_s=latency)
 
-    def _base_request(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> dict[str, Any]:
+    def _base_request(
+        self, req: p.CompletionRequest | p.ChatCompletionRequest, ctx: _Request
+    ) -> dict[str, Any]:
+        adapter = self._adapter_for(req.model)
+        if adapter is not None:
+            ctx.canary = self.canaries.route(adapter)
+            adapter = ctx.canary.engine_adapter
         return {
-            "adapter": self._adapter_for(req.model),
+            "adapter": adapter,
             "max_tokens": req.limit(),
             "temperature": req.temperature,
             "top_p": req.top_p,
@@ -110,10 +143,11 @@ class OpenAIService:
             "seed": req.seed,
         }
 
-    async def _completions(self, body: bytes, start: float, route: str) -> tuple[str, Response]:
+    async def _completions(self, body: bytes, ctx: _Request) -> tuple[str, Response]:
+        start, route = ctx.start, ctx.route
         req = p.parse(body, p.CompletionRequest)
         label = self._label(req.model)
-        common = self._base_request(req)
+        common = self._base_request(req, ctx)
         rid = p.new_id("cmpl")
         created = p.now()
         prompts = req.prompts()
@@ -128,7 +162,7 @@ class OpenAIService:
 
             usage_obj = "text_completion" if req.include_usage() else None
             stream = self._stream(gen, first, chunk, None, usage_obj, rid, req.model, created)
-            return label, self._sse(stream, label, route, start)
+            return label, self._sse(stream, label, ctx)
         results = await asyncio.gather(
             *[
                 self._collect(
@@ -143,10 +177,11 @@ class OpenAIService:
             p.completion_body(rid, req.model, created, texts, u), headers=self._headers
         )
 
-    async def _chat(self, body: bytes, start: float, route: str) -> tuple[str, Response]:
+    async def _chat(self, body: bytes, ctx: _Request) -> tuple[str, Response]:
+        start, route = ctx.start, ctx.route
         req = p.parse(body, p.ChatCompletionRequest)
         label = self._label(req.model)
-        common = self._base_request(req)
+        common = self._base_request(req, ctx)
         try:
             messages = [{"role": m.role, "content": message_text(m.content)} for m in req.messages]
         except ValueError as e:
@@ -170,7 +205,7 @@ class OpenAIService:
             )
             usage_obj = "chat.completion.chunk" if req.include_usage() else None
             stream = self._stream(gen, first, chunk, opening, usage_obj, rid, req.model, created)
-            return label, self._sse(stream, label, route, start)
+            return label, self._sse(stream, label, ctx)
         text, finish, pt, ct = await self._collect(greq, label, route, start)
         body_out = p.chat_body(rid, req.model, created, text, finish, p.usage(pt, ct))
         return label, JSONResponse(body_out, headers=self._headers)
@@ -221,21 +256,26 @@ class OpenAIService:
         self,
         stream: AsyncIterator[tuple[bytes, GenerationDelta | None]],
         label: str,
-        route: str,
-        start: float,
+        ctx: _Request,
     ) -> StreamingResponse:
         metrics = self._metrics
+        route, start = ctx.route, ctx.start
 
         async def body() -> AsyncIterator[bytes]:
             last: GenerationDelta | None = None
-            async for data, d in stream:
-                if d is not None:
-                    if last is None and metrics is not None:
-                        metrics.first_token(
-                            model=label, route=route, seconds=time.perf_counter() - start
-                        )
-                    last = d
-                yield data
+            try:
+                async for data, d in stream:
+                    if d is not None:
+                        if last is None and metrics is not None:
+                            metrics.first_token(
+                                model=label, route=route, seconds=time.perf_counter() - start
+                            )
+                        last = d
+                    yield data
+            except Exception:
+                self._outcome(ctx, ok=False)
+                raise
+            self._outcome(ctx, ok=True)
             if metrics is not None:
                 metrics.request_done(
                     model=label, route=route, status=200, latency_s=time.perf_counter() - start
