@@ -181,20 +181,7 @@ def test_succeeded_job_adds_its_adapter_in_place(
     for claim in ("models", "data"):
         kubelet.add_bound_claim(api.ns, claim)
     nodes(a100=1)
-    job = {
-        "apiVersion": "graft.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "support"},
-        "spec": {
-            "baseModel": {"uri": "pvc://models/llama-8b"},
-            "stages": [
-                {"type": "SFT", "dataset": {"uri": "pvc://data/sft.jsonl", "format": "alpaca"}}
-            ],
-            "output": {"uri": "pvc://models/adapters/support"},
-            "resources": {"nodes": 1, "gpusPerNode": 8},
-        },
-    }
-    api.create("finetunejobs", job)
+    api.create("finetunejobs", finetunejob("support"))
     api.create(
         "modelservices",
         msvc(
@@ -210,37 +197,16 @@ def test_succeeded_job_adds_its_adapter_in_place(
     c = wait_for("waiting", lambda: api.cond("svc2", "AdaptersReady"))
     assert c["reason"] == "WaitingForFineTuneJob"
 
-    # the job runs and finishes as its trainer would report it
-    core = client.CoreV1Api(k8s)
-    pod = wait_for("trainer pod", lambda: kubelet.pods(api.ns, "graft.dev/job=support"))[0]
-    kubelet.run_pod(api.ns, pod.metadata.name)
-    core.patch_namespaced_pod(
-        pod.metadata.name,
-        api.ns,
+    finish_job(
+        api,
+        k8s,
+        kubelet,
+        "support",
         {
-            "metadata": {
-                "annotations": {
-                    "graft.dev/progress": json.dumps(
-                        {
-                            "step": 50,
-                            "totalSteps": 50,
-                            "state": "succeeded",
-                            "output": {"uri": "pvc://models/adapters/support", "kind": "adapter"},
-                        }
-                    )
-                }
-            }
+            "state": "succeeded",
+            "output": {"uri": "pvc://models/adapters/support", "kind": "adapter"},
         },
     )
-    wait_for(
-        "progress seen",
-        lambda: (
-            (api.get("graft.dev", "v1alpha1", "finetunejobs", "support") or {})
-            .get("status", {})
-            .get("output")
-        ),
-    )
-    kubelet.finish_pod(api.ns, pod.metadata.name, 0)
 
     after = wait_for(
         "adapter added", lambda: (r := api.rayservice("svc2")) and "support" in adapters_in(r) and r
@@ -255,6 +221,132 @@ def test_succeeded_job_adds_its_adapter_in_place(
     c = wait_for(
         "AdaptersReady",
         lambda: (c := api.cond("svc2", "AdaptersReady")) and c["status"] == "True" and c,
+    )
+    assert c["reason"] == "AllResolved"
+
+
+def finetunejob(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "baseModel": {"uri": "pvc://models/llama-8b"},
+        "stages": [{"type": "SFT", "dataset": {"uri": "pvc://data/sft.jsonl", "format": "alpaca"}}],
+        "output": {"uri": f"pvc://models/adapters/{name}"},
+        "resources": {"nodes": 1, "gpusPerNode": 8},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "graft.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def finish_job(
+    api: Api, k8s: client.ApiClient, kubelet: FakeKubelet, name: str, report: dict[str, Any]
+) -> dict[str, Any]:
+    """The job's trainer pod runs, reports ``report`` as its trainer would, and exits 0;
+    returns the job once Succeeded."""
+    core = client.CoreV1Api(k8s)
+    pod = wait_for("trainer pod", lambda: kubelet.pods(api.ns, f"graft.dev/job={name}"))[0]
+    kubelet.run_pod(api.ns, pod.metadata.name)
+    progress = {"step": 50, "totalSteps": 50, **report}
+    core.patch_namespaced_pod(
+        pod.metadata.name,
+        api.ns,
+        {"metadata": {"annotations": {"graft.dev/progress": json.dumps(progress)}}},
+    )
+
+    def job() -> dict[str, Any]:
+        return api.get("graft.dev", "v1alpha1", "finetunejobs", name) or {}
+
+    wait_for("progress seen", lambda: job().get("status", {}).get("output"))
+    kubelet.finish_pod(api.ns, pod.metadata.name, 0)
+    return wait_for(
+        "Succeeded", lambda: (j := job()).get("status", {}).get("phase") == "Succeeded" and j
+    )
+
+
+def test_failed_evaluation_gate_keeps_the_adapter_out_until_allowed(
+    api: Api, k8s: client.ApiClient, kubelet: FakeKubelet, nodes: Any
+) -> None:
+    for claim in ("models", "data"):
+        kubelet.add_bound_claim(api.ns, claim)
+    nodes(a100=1)
+    evaluation = {
+        "datasets": [{"name": "held-out", "uri": "pvc://data/held-out.jsonl", "format": "jsonl"}],
+        "gate": {"maxPerplexityRatio": 0.8},
+    }
+    api.create("finetunejobs", finetunejob("worse", evaluation=evaluation))
+    api.create(
+        "modelservices",
+        msvc(
+            "gated",
+            [
+                {"name": "legal", "uri": "pvc://models/legal"},
+                {"name": "worse", "fromFineTuneJob": "worse"},
+            ],
+        ),
+    )
+    # The trainer's figures: perplexity 20 -> 19 (ratio 0.95 > 0.8); its own "passed" claim
+    # counts for nothing, the operator recomputes the verdict.
+    figures = {"loss": 2.9, "perplexity": 19.0}
+    job = finish_job(
+        api,
+        k8s,
+        kubelet,
+        "worse",
+        {
+            "state": "succeeded",
+            "output": {"uri": "pvc://models/adapters/worse", "kind": "adapter"},
+            "evaluation": {
+                "baseline": {"loss": 3.0, "perplexity": 20.0},
+                "stages": [{"name": "stage-0", **figures}],
+                "final": figures,
+                "passed": True,
+            },
+        },
+    )
+    assert job["status"]["evaluation"]["passed"] is False
+
+    c = wait_for(
+        "gate refusal",
+        lambda: (
+            (c := api.cond("gated", "AdaptersReady"))
+            and c["reason"] == "EvaluationGateFailed"
+            and c
+        ),
+    )
+    assert c["status"] == "False"
+    assert "FineTuneJob 'worse' did not pass its evaluation gate" in c["message"]
+    assert "allowUnevaluated: true" in c["message"]
+    rsvc = api.rayservice("gated")
+    assert rsvc is not None and adapters_in(rsvc) == ["legal"]
+
+    # an explicit override serves it, in place
+    api.custom.patch_namespaced_custom_object(
+        "graft.dev",
+        "v1alpha1",
+        api.ns,
+        "modelservices",
+        "gated",
+        {
+            "spec": {
+                "model": {
+                    "adapters": [
+                        {"name": "legal", "uri": "pvc://models/legal"},
+                        {"name": "worse", "fromFineTuneJob": "worse", "allowUnevaluated": True},
+                    ]
+                }
+            }
+        },
+    )
+    wait_for(
+        "served when allowed",
+        lambda: (r := api.rayservice("gated")) and adapters_in(r) == ["legal", "worse"],
+    )
+    c = wait_for(
+        "AdaptersReady",
+        lambda: (c := api.cond("gated", "AdaptersReady")) and c["status"] == "True" and c,
     )
     assert c["reason"] == "AllResolved"
 
