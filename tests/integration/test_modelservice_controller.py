@@ -154,7 +154,8 @@ def test_rendered_rayservice_is_accepted_and_status_makes_it_ready(api: Api) -> 
     assert rsvc["metadata"]["ownerReferences"][0]["kind"] == "ModelService"
     c = api.cond("chat", "Ready")
     assert c is not None and c["status"] == "False"
-    assert api.msvc("chat")["status"]["phase"] == "Deploying"
+    # Pending until the operator's pass that sees the RayService it created
+    wait_for("Deploying", lambda: api.msvc("chat")["status"]["phase"] == "Deploying")
 
     api.write_status_as_kuberay("chat", ready=True, workers=2)
     wait_for("Ready", lambda: (c := api.cond("chat", "Ready")) and c["status"] == "True")
