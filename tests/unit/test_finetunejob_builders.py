@@ -508,3 +508,33 @@ def test_claims_with_dots_and_long_names_get_distinct_volume_names() -> None:
     names = [v["name"] for v in pod["spec"]["volumes"]]
     assert all(naming.is_dns_label(n) for n in names)
     assert len(names) == len(set(names))
+
+
+def test_s3_credentials_come_from_a_secret_and_identity_from_an_account() -> None:
+    from graft.builders.finetunejob import build_trainer_identity
+
+    raw = FineTuneJobBuilder().gpus(8).output("s3://bucket/out").dict()
+    raw["spec"]["s3"] = {
+        "credentialsSecret": "team-s3",
+        "endpointUrl": "http://minio.storage:9000",
+        "region": "us-east-1",
+        "serviceAccountName": "s3-reader",
+    }
+    from graft.api.finetunejob import FineTuneJob
+
+    job = FineTuneJob.model_validate(raw)
+    placement = place(job.spec.resources, SETTINGS.node_pools)
+    (pod,) = build_pods(job, placement, a100_80g(), 1, None, SETTINGS, avoid_nodes=[])
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "team-s3",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+    assert env["AWS_REGION"]["value"] == "us-east-1"
+    assert pod["spec"]["serviceAccountName"] == "s3-reader"
+    binding = build_trainer_identity(job, placement, 1)[2]
+    assert [s["name"] for s in binding["subjects"]] == ["llama-sft-trainer", "s3-reader"]
+    # nothing secret is written into the pod spec itself
+    assert "secretKeyRef" not in json.dumps(pod["spec"]["volumes"])

@@ -90,6 +90,60 @@ class StorageRef(ApiModel):
     )
 
 
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
+
+
+class S3Access(ApiModel):
+    """How the pods reach s3:// URIs: a Secret with keys, or a workload identity."""
+
+    credentials_secret: DnsSubdomain | None = Field(
+        default=None,
+        description="Secret in the resource's namespace holding AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN); they become the pods' "
+        "environment variables of the same names. Unset: no keys (workload identity, or a "
+        "store that needs none).",
+    )
+    endpoint_url: (
+        Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)] | None
+    ) = Field(
+        default=None,
+        description="S3 endpoint of an in-cluster store (MinIO, Ceph RGW), passed as "
+        "AWS_ENDPOINT_URL; unset: AWS.",
+    )
+    region: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,32}$")] | None = Field(
+        default=None, description="AWS_REGION for the pods."
+    )
+    service_account_name: DnsSubdomain | None = Field(
+        default=None,
+        description="ServiceAccount the pods run as, for workload identity (EKS IRSA, GKE or "
+        "Azure workload identity): the cloud maps it to a role that may read the buckets. "
+        "It must exist in the resource's namespace.",
+    )
+
+
+def s3_env(s3: S3Access | None) -> list[dict[str, Any]]:
+    """Environment variables giving a container the S3 access ``s3`` describes."""
+    if s3 is None:
+        return []
+    env: list[dict[str, Any]] = []
+    if s3.credentials_secret:
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+        ):
+            ref: dict[str, Any] = {"name": s3.credentials_secret, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    if s3.endpoint_url:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint_url})
+    if s3.region:
+        env.append({"name": "AWS_REGION", "value": s3.region})
+    return env
+
+
 def now_rfc3339(clock: dt.datetime | None = None) -> str:
     """UTC time in the format Kubernetes uses for timestamps."""
     t = clock or dt.datetime.now(dt.UTC)

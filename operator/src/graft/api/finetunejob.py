@@ -13,6 +13,7 @@ from graft.api.common import (
     Condition,
     DnsLabel,
     Quantity,
+    S3Access,
     StorageRef,
     StorageUri,
 )
@@ -476,6 +477,10 @@ class FineTuneJobSpec(ApiModel):
     )
     queue_name: DnsLabel | None = Field(
         default=None, description="Kueue LocalQueue; adds the kueue.x-k8s.io/queue-name label."
+    )
+    s3: S3Access | None = Field(
+        default=None,
+        description="Credentials or workload identity for s3:// URIs; see docs/security.md.",
     )
     image: str | None = Field(
         default=None,

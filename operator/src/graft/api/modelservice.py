@@ -7,7 +7,15 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from graft.api.common import ApiModel, Condition, DnsLabel, Quantity, StorageRef, StorageUri
+from graft.api.common import (
+    ApiModel,
+    Condition,
+    DnsLabel,
+    Quantity,
+    S3Access,
+    StorageRef,
+    StorageUri,
+)
 
 KIND = "ModelService"
 PLURAL = "modelservices"
@@ -195,6 +203,11 @@ class ModelServiceSpec(ApiModel):
     """Desired state of a ModelService."""
 
     model: ModelSource = Field(description="Base model and adapters.")
+    s3: S3Access | None = Field(
+        default=None,
+        description="Credentials or workload identity for s3:// models and adapters; see "
+        "docs/security.md.",
+    )
     engine: Engine = Field(
         default=Engine.AUTO,
         description="vllm (GPUs), transformers (CPU and tests), auto: vllm when "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from graft.api.common import parse_uri
+from graft.api.common import parse_uri, s3_env
 from graft.api.finetunejob import FineTuneJob, FineTuneJobSpec, Placement
 from graft.builders import naming
 from graft.config import NodePool, Settings
@@ -228,6 +228,15 @@ def trainer_account_name(job: str) -> str:
     return naming.child_name(job, "trainer", limit=naming.DNS_SUBDOMAIN_MAX)
 
 
+def pod_account_name(job: FineTuneJob) -> str:
+    """The account the ranks run as: the job's own, or spec.s3.serviceAccountName (workload
+    identity), which the job's Role is then bound to as well."""
+    s3 = job.spec.s3
+    if s3 is not None and s3.service_account_name:
+        return s3.service_account_name
+    return trainer_account_name(job_name(job))
+
+
 def build_trainer_identity(
     job: FineTuneJob, placement: Placement, attempt: int
 ) -> list[dict[str, Any]]:
@@ -270,7 +279,10 @@ def build_trainer_identity(
                     "kind": "Role",
                     "name": account,
                 },
-                "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ns}],
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": a, "namespace": ns}
+                    for a in dict.fromkeys([account, pod_account_name(job)])
+                ],
             }
         ),
     ]
@@ -307,6 +319,7 @@ def trainer_env(
         field("POD_NAME", "metadata.name"),
         field("POD_NAMESPACE", "metadata.namespace"),
         var("GRAFT_TERMINATION_LOG", TERMINATION_LOG),
+        *s3_env(job.spec.s3),
     ]
 
 
@@ -449,7 +462,7 @@ def build_pod(
         "hostname": naming.pod_hostname(name, rank),
         "subdomain": naming.gang_service_name(name),
         "enableServiceLinks": False,
-        "serviceAccountName": trainer_account_name(name),
+        "serviceAccountName": pod_account_name(job),
         "terminationGracePeriodSeconds": settings.termination_grace_seconds,
         # Pod Security Standard "restricted"; the trainer image's user is 65532.
         "securityContext": {

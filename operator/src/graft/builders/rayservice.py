@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from graft.api.common import parse_uri
+from graft.api.common import parse_uri, s3_env
 from graft.api.modelservice import ModelService
 from graft.builders import naming
 from graft.builders.serve_config import (
@@ -138,11 +138,12 @@ def _volumes(claim_names: list[str]) -> tuple[list[dict[str, Any]], list[dict[st
     return volumes, mounts
 
 
-def _env() -> list[dict[str, str]]:
+def _env(msvc: ModelService) -> list[dict[str, Any]]:
     return [
         {"name": "GRAFT_PVC_ROOT", "value": PVC_ROOT},
         {"name": "GRAFT_CACHE_DIR", "value": "/tmp/graft-cache"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
+        *s3_env(msvc.spec.s3),
     ]
 
 
@@ -192,7 +193,7 @@ def build_rayservice(
                     "name": HEAD_CONTAINER,
                     "image": img,
                     "ports": ports,
-                    "env": _env(),
+                    "env": _env(msvc),
                     "resources": {
                         "requests": {"cpu": "1", "memory": "4Gi"},
                         "limits": {"cpu": "2", "memory": "8Gi"},
@@ -209,7 +210,7 @@ def build_rayservice(
             {
                 "name": WORKER_CONTAINER,
                 "image": img,
-                "env": _env(),
+                "env": _env(msvc),
                 "resources": _worker_resources(msvc, pool),
                 "volumeMounts": mounts,
                 "securityContext": _security_context(),
@@ -217,6 +218,10 @@ def build_rayservice(
         ],
         "volumes": volumes,
     }
+    if spec.s3 is not None and spec.s3.service_account_name:
+        # workload identity for s3:// models and adapters
+        head_pod["spec"]["serviceAccountName"] = spec.s3.service_account_name
+        worker_spec["serviceAccountName"] = spec.s3.service_account_name
     if pool is not None:
         if pool.node_selector:
             worker_spec["nodeSelector"] = dict(pool.node_selector)
