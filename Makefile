@@ -76,11 +76,12 @@ bench: venv control-plane
 # Builds need only python3 and Docker (hack/start-docker.sh installs and starts it where
 # absent); the machine's pip and apt settings reach the builds as BuildKit secrets.
 FLAVOUR ?= cpu
+IMAGES ?= operator,trainer,server
 images:
-	python3 hack/build-images.py --flavour $(FLAVOUR)
+	python3 hack/build-images.py --flavour $(FLAVOUR) --only $(IMAGES)
 
 test-images: venv control-plane helm
-	GRAFT_REQUIRE_IMAGES=1 GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest tests/images $(PYTEST_ARGS)
+	GRAFT_REQUIRE_IMAGES=$(IMAGES) GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest tests/images $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache bench/results
