@@ -1,17 +1,31 @@
-"""Checkpoint store: atomic writes, manifest verification, fallback, pruning."""
+"""Checkpoint store: atomic writes, manifest verification, fallback, pruning; RNG state as
+JSON, and no pickle in a checkpoint can run code."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from graft.runtime.train.checkpoint import CheckpointStore, FileEntry, checkpoint_name
+from graft.runtime.train.checkpoint import (
+    CheckpointStore,
+    FileEntry,
+    checkpoint_name,
+    legacy_rng_file,
+    load_rng_state,
+    load_tensors,
+    rng_file,
+    rng_state,
+    set_rng_state,
+)
 from graft.runtime.train.config import Location, resolve
+from graft.runtime.train.errors import UserError
 
 
 def store(root: Path, keep: int = 3) -> CheckpointStore:
@@ -109,3 +123,71 @@ def test_object_store_mode_marks_complete_by_manifest(tmp_path: Path) -> None:
     assert st.names() == ["ckpt-s00-00000001", "ckpt-s00-00000003"]
     assert isinstance(next(iter(st.verify("ckpt-s00-00000003").manifest["files"])), str)  # type: ignore[union-attr]
     assert FileEntry(1, "x").to_json() == {"size": 1, "sha256": "x"}
+
+
+def draws() -> tuple[float, float, float, list[float]]:
+    return (
+        random.random(),
+        random.gauss(0, 1),
+        float(np.random.standard_normal()),
+        torch.rand(4).tolist(),
+    )
+
+
+def legacy_state() -> dict[str, Any]:
+    """The pickled layout older Graft versions wrote to rng-rank<r>.pt."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+
+
+def test_rng_state_is_plain_json_and_restores_exactly(tmp_path: Path) -> None:
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's and NumPy's state
+    np.random.standard_normal()
+    (tmp_path / rng_file(0)).write_text(json.dumps(rng_state()))
+    expected = draws()
+    draws()
+    state = load_rng_state(tmp_path, 0, allow_legacy=False)
+    assert state is not None
+    set_rng_state(state)
+    assert draws() == expected
+
+
+class Payload:
+    """Unpickling this runs code: it writes the file named in ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_legacy_pickle_is_read_only_on_opt_in_and_never_runs_code(tmp_path: Path) -> None:
+    torch.save(legacy_state(), tmp_path / legacy_rng_file(0))
+    expected = draws()
+    # Without the opt-in the pickle is not opened at all: fresh random streams, a warning.
+    assert load_rng_state(tmp_path, 0, allow_legacy=False) is None
+    state = load_rng_state(tmp_path, 0, allow_legacy=True)
+    assert state is not None
+    set_rng_state(state)
+    assert draws() == expected
+
+    marker = tmp_path / "pwned"
+    torch.save(Payload(marker), tmp_path / legacy_rng_file(1))
+    assert load_rng_state(tmp_path, 1, allow_legacy=False) is None
+    with pytest.raises(UserError) as e:
+        load_rng_state(tmp_path, 1, allow_legacy=True)
+    assert e.value.reason == "UnsafeCheckpoint"
+    torch.save({"w": torch.zeros(2), "x": Payload(marker)}, tmp_path / "model.pt")
+    with pytest.raises(UserError, match="holds objects other than tensors"):
+        load_tensors(tmp_path / "model.pt")
+    assert not marker.exists()

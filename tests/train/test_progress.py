@@ -1,24 +1,25 @@
-"""Progress reporting: JSON lines, rate-limited Pod patches that never fail training."""
+"""Progress reporting: JSON lines, and the progress Lease (annotation + heartbeat) written
+on a real apiserver, rate-limited and never failing training."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import time
 from typing import Any
 
-from graft.runtime.train.progress import ANNOTATION, PodAnnotator, Reporter, format_eta
+from kubernetes import client
 
-
-class FakeApi:
-    def __init__(self, fail: bool = False) -> None:
-        self.calls: list[tuple[str, str, dict[str, Any]]] = []
-        self.fail = fail
-
-    def patch_namespaced_pod(self, name: str, ns: str, body: dict[str, Any], **kw: Any) -> None:
-        self.calls.append((name, ns, body))
-        if self.fail:
-            raise RuntimeError("apiserver down")
+from graft.runtime.train.progress import (
+    ANNOTATION,
+    Heartbeat,
+    LeaseReporter,
+    Reporter,
+    format_eta,
+    micro_time,
+)
+from graft.testing.cluster import wait_for
 
 
 def test_json_lines_rate_limited() -> None:
@@ -40,22 +41,115 @@ def test_disabled_on_other_ranks() -> None:
     assert buf.getvalue() == ""
 
 
-def test_annotator_sends_latest_and_survives_failures() -> None:
-    api = FakeApi(fail=True)
-    a = PodAnnotator("p-0", "ns", interval=0.2)
-    a._api = api
-    for i in range(50):
-        a.submit(json.dumps({"step": i}))
+def lease_api(k8s: client.ApiClient, namespace: str, name: str = "job-progress") -> Any:
+    api = client.CoordinationV1Api(k8s)
+    api.create_namespaced_lease(namespace, {"metadata": {"name": name}, "spec": {}})
+    return api
+
+
+def renew_time(api: Any, namespace: str, name: str = "job-progress") -> dt.datetime | None:
+    lease = api.read_namespaced_lease(name, namespace)
+    return lease.spec.renew_time  # type: ignore[no-any-return]
+
+
+def test_heartbeat_needs_beats_only_inside_the_loop() -> None:
+    hb = Heartbeat()
+    alive, seen = hb.check(-1)
+    assert alive
+    assert hb.check(seen)[0]  # outside the loop: alive without beats
+    with hb.loop():
+        alive, seen = hb.check(seen)  # entering counts as progress
+        assert alive
+        alive, seen = hb.check(seen)
+        assert not alive  # stuck: no step finished since the last check
+        hb.beat()
+        alive, seen = hb.check(seen)
+        assert alive
+        with hb.working():  # writing checkpoint files: local work, alive
+            assert hb.check(seen)[0]
+            assert hb.check(seen)[0]
+        alive, seen = hb.check(seen)
+        assert not hb.check(seen)[0]
+
+
+def test_lease_carries_progress_and_heartbeat(k8s: client.ApiClient, namespace: str) -> None:
+    """Against the real apiserver: renewTime advances while steps finish, stops while the
+    loop is stuck, and the annotation holds the latest report."""
+    api = lease_api(k8s, namespace)
+    hb = Heartbeat()
+    lease = LeaseReporter(
+        "job-progress",
+        namespace,
+        "job-r0",
+        heartbeat=hb,
+        heartbeat_interval=0.2,
+        progress_interval=0.3,
+        api=api,
+    )
+    r = Reporter(enabled=True, interval=0, lease=lease, stdout=False)
+    r.emit(force=True, state="training", step=1)
+    wait_for("first renewal", lambda: renew_time(api, namespace) is not None, timeout=10)
+    first = renew_time(api, namespace)
+    wait_for("renewal", lambda: renew_time(api, namespace) != first, timeout=10)
+    obj = api.read_namespaced_lease("job-progress", namespace)
+    assert obj.spec.holder_identity == "job-r0"
+    assert json.loads(obj.metadata.annotations[ANNOTATION])["step"] == 1
+    with hb.loop():
+        for _ in range(4):  # steps finish: the Lease keeps being renewed
+            hb.beat()
+            time.sleep(0.25)
+        before = renew_time(api, namespace)
+        assert before is not None and before > first
+        time.sleep(1.0)  # a check or two may still see the last beat
+        stuck = renew_time(api, namespace)
+        time.sleep(1.2)  # stuck in a collective: no beat, no renewal
+        assert renew_time(api, namespace) == stuck
+        r.emit(force=True, step=7)  # a report is progress too
+        wait_for(
+            "renewal after a step",
+            lambda: (renew_time(api, namespace) or stuck) > stuck,  # type: ignore[operator]
+            timeout=10,
+        )
+    for i in range(40):
+        r.emit(force=True, step=100 + i)
+    r.emit(force=True, state="succeeded", step=200)
+    r.close()
+    obj = api.read_namespaced_lease("job-progress", namespace)
+    last = json.loads(obj.metadata.annotations[ANNOTATION])
+    assert last["state"] == "succeeded" and last["step"] == 200
+    assert lease.writes < 30, lease.writes  # reports coalesced, not one write each
+
+
+def test_api_failures_never_slow_training(k8s: client.ApiClient, namespace: str) -> None:
+    """The Lease does not exist (404 on every write): reports return at once, close is
+    bounded, nothing raises."""
+    lease = LeaseReporter(
+        "missing",
+        namespace,
+        "job-r0",
+        heartbeat=Heartbeat(),
+        heartbeat_interval=0.05,
+        progress_interval=0.0,
+        api=client.CoordinationV1Api(k8s),
+    )
+    r = Reporter(enabled=True, interval=0, lease=lease, stdout=False)
+    t0 = time.monotonic()
+    for i in range(200):
+        r.emit(force=True, step=i)
+    assert time.monotonic() - t0 < 1.0
     time.sleep(0.5)
-    a.submit(json.dumps({"step": 99, "state": "succeeded"}))
-    a.close()
-    assert 2 <= len(api.calls) <= 6, len(api.calls)  # coalesced, not one per report
-    name, ns, body = api.calls[-1]
-    assert (name, ns) == ("p-0", "ns")
-    assert json.loads(body["metadata"]["annotations"][ANNOTATION])["step"] == 99
+    t1 = time.monotonic()
+    r.close()
+    assert time.monotonic() - t1 < 6
+    assert lease.writes == 0 and lease._failures > 0
 
 
 def test_eta_format() -> None:
     assert format_eta(750) == "12m30s"
     assert format_eta(4000) == "1h06m"
     assert format_eta(None) is None
+
+
+def test_micro_time_is_what_the_apiserver_wants() -> None:
+    t = dt.datetime(2026, 12, 1, 3, 4, 5, 67, tzinfo=dt.UTC)
+    assert micro_time(t) == "2026-12-01T03:04:05.000067Z"

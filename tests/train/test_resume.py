@@ -24,6 +24,9 @@ from trainkit import make_job
 
 from graft.procs import descendants
 from graft.runtime.train import EXIT_RETRYABLE, launch_local, run_training
+from graft.runtime.train.checkpoint import sha256_file
+from graft.runtime.train.config import RuntimeEnv
+from graft.runtime.train.errors import UserError
 
 
 def tree(pid: int) -> list[int]:
@@ -155,7 +158,7 @@ def sigterm_run(assets: dict[str, Path], tmp_path: Path, nproc: int) -> None:
     assert len(ckpts) == 1, ckpts
     man = json.loads((ckpts[0] / "manifest.json").read_text())
     assert man["complete"] and sent["at"] <= man["step"] < 400
-    assert {f"rng-rank{r:05d}.pt" for r in range(nproc)} <= set(man["files"])
+    assert {f"rng-rank{r:05d}.json" for r in range(nproc)} <= set(man["files"])
     assert res.last_progress is not None
     assert res.last_progress["lastCheckpoint"]["step"] == man["step"]
 
@@ -199,3 +202,44 @@ def test_damaged_newest_checkpoint_is_skipped_on_resume(
     assert second.resumed_from == f"file://{ck}/ckpt-s00-00000004"
     assert second.stages[0].resumed_at == 4
     assert_same(reference, weights(tmp_path / "output"))
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.slow
+def test_pickle_planted_in_a_checkpoint_never_runs(
+    assets: dict[str, Path], tmp_path: Path, quiet_env: None
+) -> None:
+    """Someone with write access to the checkpoint claim swaps a rank's RNG state for a
+    code-running pickle and fixes up the manifest: resume skips it (or, with the legacy
+    opt-in, refuses it with UnsafeCheckpoint); the code never runs."""
+    job = make_job(assets, tmp_path, max_steps=8, every=4, keep=5)
+    run_training(job, workdir=tmp_path / "w", stdout_progress=False)
+    ck = tmp_path / "ckpt"
+    shutil.rmtree(ck / "ckpt-s00-00000008")
+    shutil.rmtree(tmp_path / "output")
+    victim = ck / "ckpt-s00-00000004"
+    (victim / "rng-rank00000.json").unlink()
+    marker = tmp_path / "pwned"
+    torch.save(Payload(marker), victim / "rng-rank00000.pt")
+    man = json.loads((victim / "manifest.json").read_text())
+    del man["files"]["rng-rank00000.json"]
+    man["files"]["rng-rank00000.pt"] = sha256_file(str(victim / "rng-rank00000.pt")).to_json()
+    (victim / "manifest.json").write_text(json.dumps(man))
+
+    legacy = RuntimeEnv(termination_log=None, allow_legacy_pickle=True)
+    with pytest.raises(UserError) as e:
+        run_training(job, workdir=tmp_path / "w", stdout_progress=False, env=legacy)
+    assert e.value.reason == "UnsafeCheckpoint"
+    assert not marker.exists()
+
+    res = run_training(job, workdir=tmp_path / "w", stdout_progress=False)
+    assert res.stages[0].resumed_at == 4
+    assert not marker.exists()
+    assert (tmp_path / "output" / "adapter_model.safetensors").exists()

@@ -12,12 +12,15 @@ falls back to an older checkpoint when the newest is damaged.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import pickle
+import random
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -26,11 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+import torch
+
 from graft.runtime.train.config import Location
+from graft.runtime.train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+#: Set to 1 to read the RNG state of checkpoints written before it was JSON (a pickle).
+LEGACY_PICKLE_ENV = "GRAFT_ALLOW_LEGACY_PICKLE"
 NAME_RE = re.compile(r"^ckpt-s(\d{2})-(\d{8})$")
 CHUNK = 4 << 20
 
@@ -42,6 +51,131 @@ def checkpoint_name(stage: int, step: int) -> str:
 def parse_name(name: str) -> tuple[int, int] | None:
     m = NAME_RE.match(name)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.json"
+
+
+def legacy_rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.contiguous().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step draws from, as plain JSON: the file can be read without unpickling.
+
+    Floats survive exactly (JSON keeps Python's shortest round-trip repr)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "format": 1,
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {
+            "keys": [int(k) for k in np.asarray(keys, dtype=np.uint32)],
+            "pos": int(pos),
+            "hasGauss": int(has_gauss),
+            "cachedGaussian": float(cached),
+        },
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np.asarray(n["keys"], dtype=np.uint32),
+            int(n["pos"]),
+            int(n["hasGauss"]),
+            float(n["cachedGaussian"]),
+        )
+    )
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+def _from_legacy(old: dict[str, Any]) -> dict[str, Any]:
+    """The pickled layout of older checkpoints, in the JSON layout."""
+    py, n = old["python"], old["numpy"]
+    out: dict[str, Any] = {
+        "python": {"version": py[0], "state": list(py[1]), "gauss": py[2]},
+        "numpy": {
+            "keys": [int(k) for k in n["keys"].numpy().astype(np.uint32)],
+            "pos": n["pos"],
+            "hasGauss": n["has_gauss"],
+            "cachedGaussian": n["cached_gaussian"],
+        },
+        "torch": _b64(old["torch"]),
+    }
+    if "cuda" in old:
+        out["cuda"] = [_b64(s) for s in old["cuda"]]
+    return out
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load`` with the weights-only unpickler: tensors and plain containers only,
+    so a forged file cannot run code; anything else is a clear, permanent error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"checkpoint file {path} holds objects other than tensors, so it was not loaded "
+            f"(it may have been tampered with): {str(e).splitlines()[0]}. Delete that "
+            "checkpoint directory or use a new checkpoint.uri",
+            reason="UnsafeCheckpoint",
+        ) from None
+
+
+def load_rng_state(ckpt_dir: Path, rank: int, allow_legacy: bool) -> dict[str, Any] | None:
+    """This rank's RNG state from a checkpoint, or None (with the reason logged).
+
+    Checkpoints written before the JSON layout hold a pickle; it is read only when
+    ``allow_legacy`` (``GRAFT_ALLOW_LEGACY_PICKLE=1``), and then with the weights-only
+    unpickler, never with ``weights_only=False``."""
+    path = ckpt_dir / rng_file(rank)
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(
+                f"checkpoint file {path} is not valid JSON ({e}): delete that checkpoint "
+                "directory or use a new checkpoint.uri",
+                reason="CheckpointMismatch",
+            ) from None
+        return data if isinstance(data, dict) else None
+    legacy = ckpt_dir / legacy_rng_file(rank)
+    if legacy.exists():
+        if not allow_legacy:
+            log.warning(
+                "checkpoint from an older Graft keeps its RNG state as a pickle; not read "
+                f"(set {LEGACY_PICKLE_ENV}=1 to read it with the weights-only loader). "
+                "Training resumes with fresh random streams, so results differ slightly "
+                "from an uninterrupted run",
+                extra={"file": str(legacy)},
+            )
+            return None
+        return _from_legacy(load_tensors(legacy))
+    log.warning(
+        "no RNG state for this rank (world size changed); results will differ from an "
+        "uninterrupted run",
+        extra={"rank": rank},
+    )
+    return None
 
 
 class HashingWriter:

@@ -62,9 +62,12 @@ class RuntimeEnv:
     checkpoint_uri: str | None = None
     pod_name: str | None = None
     pod_namespace: str | None = None
+    progress_lease: str | None = None
+    heartbeat_interval: float = 10.0
     termination_log: Path | None = Path(DEFAULT_TERMINATION_LOG)
     workdir: Path | None = None
     allow_hub: bool = False
+    allow_legacy_pickle: bool = False
     progress_interval: float = 5.0
     annotation_interval: float = 10.0
     # Set by torchrun in each worker; absent when the trainer runs in one process.
@@ -92,9 +95,12 @@ class RuntimeEnv:
             checkpoint_uri=e.get("GRAFT_CHECKPOINT_URI") or None,
             pod_name=e.get("POD_NAME") or None,
             pod_namespace=e.get("POD_NAMESPACE") or None,
+            progress_lease=e.get("GRAFT_PROGRESS_LEASE") or None,
+            heartbeat_interval=_float(e, "GRAFT_HEARTBEAT_INTERVAL_SECONDS", 10.0),
             termination_log=Path(term) if term else None,
             workdir=Path(workdir) if workdir else None,
             allow_hub=e.get("GRAFT_ALLOW_HUB", "") in ("1", "true", "True", "yes"),
+            allow_legacy_pickle=e.get("GRAFT_ALLOW_LEGACY_PICKLE", "") in ("1", "true", "yes"),
             progress_interval=_float(e, "GRAFT_PROGRESS_INTERVAL", 5.0),
             annotation_interval=_float(e, "GRAFT_ANNOTATION_INTERVAL", 10.0),
             rank=_int(e, "RANK", 0),

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +38,11 @@ from graft.runtime.train.checkpoint import (
     FileEntry,
     HashingWriter,
     checkpoint_name,
+    load_rng_state,
+    load_tensors,
+    rng_file,
+    rng_state,
+    set_rng_state,
 )
 from graft.runtime.train.config import (
     JobConfig,
@@ -70,7 +76,7 @@ from graft.runtime.train.model import (
     save_output,
 )
 from graft.runtime.train.prepare import PreparedStage, prepare_stage
-from graft.runtime.train.progress import PodAnnotator, Reporter, format_eta
+from graft.runtime.train.progress import Heartbeat, LeaseReporter, Reporter, format_eta
 
 log = logging.getLogger(__name__)
 
@@ -181,41 +187,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    np_state: tuple[Any, ...] = tuple(np.random.get_state())
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _save_torch(obj: Any) -> Callable[[HashingWriter], None]:
@@ -344,7 +315,7 @@ class Trainer:
             store.begin(name)
         d.barrier()
         files: dict[str, Callable[[HashingWriter], None]] = {
-            f"rng-rank{d.rank:05d}.pt": _save_torch(rng_state())
+            rng_file(d.rank): _save_json(rng_state())
         }
         if d.is_main:
             files["model.pt"] = _save_torch(model_sd)
@@ -373,7 +344,8 @@ class Trainer:
                     "evaluation": self.evaluator.record if self.evaluator else None,
                 }
             )
-        entries = store.write(name, files)
+        with reporter.heartbeat.working():
+            entries = store.write(name, files)
         gathered = d.gather_objects({k: (v.size, v.sha256) for k, v in entries.items()})
         info: CheckpointInfo | None = None
         if d.is_main:
@@ -410,10 +382,10 @@ class Trainer:
         scheduler: Any,
         scaler: Any,
     ) -> None:
-        model_sd = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
+        model_sd = load_tensors(ckpt_dir / "model.pt")
         optim_sd = None
         if optimizer is not None:
-            optim_sd = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+            optim_sd = load_tensors(ckpt_dir / "optimizer.pt")
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -439,35 +411,34 @@ class Trainer:
             if optimizer is not None and optim_sd is not None:
                 optimizer.load_state_dict(optim_sd)
         if optimizer is not None:
-            scheduler.load_state_dict(
-                torch.load(ckpt_dir / "scheduler.pt", map_location="cpu", weights_only=True)
-            )
+            scheduler.load_state_dict(load_tensors(ckpt_dir / "scheduler.pt"))
             if scaler is not None and (ckpt_dir / "scaler.pt").exists():
-                scaler.load_state_dict(torch.load(ckpt_dir / "scaler.pt", weights_only=True))
-            rng_file = ckpt_dir / f"rng-rank{d.rank:05d}.pt"
-            if rng_file.exists():
-                set_rng_state(torch.load(rng_file, weights_only=False))
-            else:
-                log.warning(
-                    "no RNG state for this rank (world size changed); results will "
-                    "differ from an uninterrupted run",
-                    extra={"rank": d.rank},
-                )
+                scaler.load_state_dict(load_tensors(ckpt_dir / "scaler.pt"))
+            rng = load_rng_state(ckpt_dir, d.rank, self.env.allow_legacy_pickle)
+            if rng is not None:
+                set_rng_state(rng)
 
     # --- the run ---------------------------------------------------------------------
     _fsdp = False
 
     def run(self) -> TrainResult:
         d = gdist.init()
-        annotator = None
-        if d.is_main and self.env.pod_name and self.env.pod_namespace:
-            annotator = PodAnnotator(
-                self.env.pod_name, self.env.pod_namespace, self.env.annotation_interval
+        heartbeat = Heartbeat()
+        lease = None
+        if d.is_main and self.env.progress_lease and self.env.pod_namespace:
+            lease = LeaseReporter(
+                self.env.progress_lease,
+                self.env.pod_namespace,
+                self.env.pod_name or socket.gethostname(),
+                heartbeat=heartbeat,
+                heartbeat_interval=self.env.heartbeat_interval,
+                progress_interval=self.env.annotation_interval,
             )
         reporter = Reporter(
             enabled=d.is_main,
             interval=self.env.progress_interval,
-            annotator=annotator,
+            lease=lease,
+            heartbeat=heartbeat,
             on_progress=self.on_progress,
             stdout=self.stdout_progress,
         )
@@ -770,6 +741,7 @@ class Trainer:
         def after_step(rep: StepReport, st: LoopStats) -> bool:
             nonlocal last_save
             self.started = True
+            reporter.beat()
             window["tokens"] += rep.tokens
             window["steps"] += 1
             due_steps = bool(every_steps) and rep.step % (every_steps or 1) == 0
@@ -822,7 +794,8 @@ class Trainer:
 
         self.stop.in_loop = True
         try:
-            done, stats = train_steps(spec_loop, start, total, after_step, stats)
+            with reporter.heartbeat.loop():
+                done, stats = train_steps(spec_loop, start, total, after_step, stats)
         finally:
             self.stop.in_loop = False
         stats.flush()
