@@ -3,6 +3,7 @@ fake A100 nodes, a fake kubelet (no kubelet can run here) drives Pod and Node st
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import uuid
@@ -42,6 +43,7 @@ class Jobs:
     """Small fluent helpers over one namespace."""
 
     def __init__(self, k8s: client.ApiClient, kubelet: FakeKubelet, ns: str) -> None:
+        self.k8s = k8s
         self.custom = client.CustomObjectsApi(k8s)
         self.core = client.CoreV1Api(k8s)
         self.kubelet = kubelet
@@ -110,12 +112,25 @@ class Jobs:
             self.kubelet.run_pod(self.ns, p.metadata.name)
         self.wait_cond(name, "Running")
 
-    def annotate_progress(self, pod: str, progress: dict[str, Any]) -> None:
-        self.core.patch_namespaced_pod(
-            pod,
-            self.ns,
-            {"metadata": {"annotations": {"graft.dev/progress": json.dumps(progress)}}},
-        )
+    def as_trainer(self, job: str) -> client.ApiClient:
+        """A client with the job's trainer identity (its ServiceAccount, impersonated)."""
+        api = client.ApiClient(self.k8s.configuration)
+        user = f"system:serviceaccount:{self.ns}:{job}-trainer"
+        api.set_default_header("Impersonate-User", user)
+        return api
+
+    def report(self, job: str, progress: dict[str, Any], *, heartbeat: bool = True) -> None:
+        """What rank 0 does: the report and a heartbeat on the job's Lease, as the trainer."""
+        body: dict[str, Any] = {
+            "metadata": {
+                "annotations": {"graft.dev/progress": json.dumps({"attempt": 1} | progress)}
+            }
+        }
+        if heartbeat:
+            now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            body["spec"] = {"renewTime": now, "holderIdentity": f"{job}-a1-r0"}
+        lease = client.CoordinationV1Api(self.as_trainer(job))
+        lease.patch_namespaced_lease(f"{job}-progress", self.ns, body)
 
 
 CLAIMS = ("models", "data")
@@ -250,10 +265,9 @@ def test_progress_from_rank0_reaches_status_within_5s(
     jobs.create(job("prog"))
     jobs.wait_scheduled("prog", 1, 2)
     jobs.run_all("prog", 1)
-    rank0 = jobs.pods("prog", 1)[0].metadata.name
     t0 = time.monotonic()
-    jobs.annotate_progress(
-        rank0,
+    jobs.report(
+        "prog",
         {
             "stage": "sft",
             "step": 120,
@@ -313,9 +327,9 @@ def test_failure_restarts_the_gang_from_the_checkpoint(
     jobs.wait_scheduled("rec", 1, 2)
     jobs.run_all("rec", 1)
     ckpt = "pvc://models/out/checkpoints/ckpt-s00-00000200"
-    rank0, rank1 = jobs.pods("rec", 1)
-    jobs.annotate_progress(
-        rank0.metadata.name,
+    _, rank1 = jobs.pods("rec", 1)
+    jobs.report(
+        "rec",
         {"step": 210, "totalSteps": 400, "lastCheckpoint": {"step": 200, "uri": ckpt}},
     )
     wait_for("checkpoint in status", lambda: jobs.status("rec").get("lastCheckpoint"))
@@ -454,3 +468,82 @@ def test_operator_killed_mid_reconcile_loses_nothing(
         assert len(jobs.pods(n, live=False)) == 1, "a duplicate pod was created"
         c = jobs.cond(n, "Accepted")
         assert c is not None and c["status"] == "True"
+
+
+def test_trainer_identity_writes_only_its_lease(
+    jobs: Jobs, nodes: NodeFactory, k8s: client.ApiClient
+) -> None:
+    """The trainer's ServiceAccount may update its job's Lease, and nothing on Pods (it
+    could relabel itself into a Service or drop its owner) nor another job's Lease."""
+    nodes(a100=4)
+    jobs.create(job("ida"))
+    jobs.create(job("idb"))
+    jobs.wait_scheduled("ida", 1, 2)
+    jobs.wait_scheduled("idb", 1, 2)
+    jobs.run_all("ida", 1)
+    jobs.report("ida", {"step": 1, "totalSteps": 10})
+    lease = client.CoordinationV1Api(k8s).read_namespaced_lease("ida-progress", jobs.ns)
+    assert lease.spec.holder_identity == "ida-a1-r0" and lease.spec.renew_time is not None
+    assert lease.metadata.owner_references[0].kind == "FineTuneJob"
+    trainer = jobs.as_trainer("ida")
+    pod = jobs.pods("ida", 1)[0].metadata.name
+    denied = [
+        lambda: client.CoreV1Api(trainer).patch_namespaced_pod(
+            pod, jobs.ns, {"metadata": {"labels": {"app": "serve"}}}
+        ),
+        lambda: client.CoreV1Api(trainer).read_namespaced_pod(pod, jobs.ns),
+        lambda: client.CoordinationV1Api(trainer).patch_namespaced_lease(
+            "idb-progress", jobs.ns, {"metadata": {"annotations": {"x": "y"}}}
+        ),
+        lambda: client.CoordinationV1Api(trainer).delete_namespaced_lease("ida-progress", jobs.ns),
+    ]
+    for call in denied:
+        with pytest.raises(client.ApiException) as e:
+            call()
+        assert e.value.status == 403
+
+
+def test_forged_output_uri_is_ignored_with_an_event(jobs: Jobs, nodes: NodeFactory) -> None:
+    nodes(a100=2)
+    jobs.create(job("forge"))
+    jobs.wait_scheduled("forge", 1, 2)
+    jobs.run_all("forge", 1)
+    jobs.report(
+        "forge",
+        {
+            "step": 7,
+            "totalSteps": 10,
+            "lastCheckpoint": {"step": 5, "uri": "pvc://other-team/ckpt-s00-00000005"},
+            "output": {"uri": "s3://attacker/model", "kind": "adapter"},
+        },
+    )
+    wait_for("progress", lambda: (jobs.status("forge").get("progress") or {}).get("step") == 7)
+    st = jobs.status("forge")
+    assert (
+        "lastCheckpoint" not in st and (st.get("output") or {}).get("uri") != "s3://attacker/model"
+    )
+
+    def warned() -> bool:
+        events = jobs.core.list_namespaced_event(jobs.ns).items
+        return any(e.reason == "UntrustedReport" and "s3://attacker" in e.message for e in events)
+
+    wait_for("Warning event", warned, timeout=10)
+
+
+def test_silent_running_gang_is_trainer_hung_and_resumes_from_checkpoint(
+    jobs: Jobs, nodes: NodeFactory
+) -> None:
+    nodes(a100=4)
+    jobs.create(job("hang", restartPolicy={"maxRestarts": 3, "heartbeatTimeoutSeconds": 5}))
+    jobs.wait_scheduled("hang", 1, 2)
+    jobs.run_all("hang", 1)
+    ckpt = "pvc://models/out/checkpoints/ckpt-s00-00000020"
+    jobs.report(
+        "hang", {"step": 25, "totalSteps": 100, "lastCheckpoint": {"step": 20, "uri": ckpt}}
+    )
+    t0 = time.monotonic()
+    c = jobs.wait_cond("hang", "Restarting", timeout=20)
+    assert c["reason"] == "TrainerHung" and "no heartbeat from rank 0" in c["message"]
+    assert 4 <= time.monotonic() - t0 < 15
+    new = jobs.wait_scheduled("hang", 2, 2)
+    assert all(env_of(p)["GRAFT_RESUME_FROM"] == ckpt for p in new)

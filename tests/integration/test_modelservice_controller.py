@@ -247,12 +247,11 @@ def finish_job(
 ) -> dict[str, Any]:
     """The job's trainer pod runs, reports ``report`` as its trainer would, and exits 0;
     returns the job once Succeeded."""
-    core = client.CoreV1Api(k8s)
     pod = wait_for("trainer pod", lambda: kubelet.pods(api.ns, f"graft.dev/job={name}"))[0]
     kubelet.run_pod(api.ns, pod.metadata.name)
-    progress = {"step": 50, "totalSteps": 50, **report}
-    core.patch_namespaced_pod(
-        pod.metadata.name,
+    progress = {"attempt": 1, "step": 50, "totalSteps": 50, **report}
+    client.CoordinationV1Api(k8s).patch_namespaced_lease(
+        f"{name}-progress",
         api.ns,
         {"metadata": {"annotations": {"graft.dev/progress": json.dumps(progress)}}},
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from test_reconcile import cond, job, node, pod, run
+from test_reconcile import cond, job, lease, node, pod, run
 
 from graft.api.finetunejob import (
     Evaluation,
@@ -171,9 +171,8 @@ def finished_job(report: dict[str, Any] | None, gate: dict[str, Any] | None) -> 
     body = job(**spec)
     body["status"] = run(body, [], {}).status.wire()
     p0 = pod(1, 0, "n0", phase="Succeeded")
-    if report is not None:
-        p0["metadata"]["annotations"] = {"graft.dev/progress": json.dumps(report)}
-    return run(body, [p0, pod(1, 1, "n1", phase="Succeeded")], NODES)
+    pods = [p0, pod(1, 1, "n1", phase="Succeeded")]
+    return run(body, pods, NODES, lease=lease(report) if report is not None else None)
 
 
 REPORT = {
@@ -234,10 +233,8 @@ def test_job_without_evaluation_is_promotable_and_has_no_condition() -> None:
 def test_evaluation_rolls_up_while_running() -> None:
     body = job(evaluation={"datasets": [TEXT]})
     body["status"] = run(body, [], {}).status.wire()
-    p0 = pod(1, 0, "n0")
     report = {"evaluation": {"baseline": {"loss": 3.0, "perplexity": 20.0}}}
-    p0["metadata"]["annotations"] = {"graft.dev/progress": json.dumps(report)}
-    plan = run(body, [p0, pod(1, 1, "n1")], NODES)
+    plan = run(body, [pod(1, 0, "n0"), pod(1, 1, "n1")], NODES, lease=lease(report))
     assert plan.status.evaluation == EvaluationStatus(
         baseline=EvaluationMetrics(loss=3.0, perplexity=20.0)
     )

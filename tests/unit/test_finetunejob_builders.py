@@ -153,6 +153,8 @@ def test_two_nodes_of_eight_gpus_whole_pod() -> None:
                             "name": "POD_NAMESPACE",
                             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
                         },
+                        {"name": "GRAFT_PROGRESS_LEASE", "value": "llama-sft-progress"},
+                        {"name": "GRAFT_HEARTBEAT_INTERVAL_SECONDS", "value": "30"},
                         {"name": "GRAFT_TERMINATION_LOG", "value": "/dev/termination-log"},
                     ],
                     "ports": [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}],
@@ -416,7 +418,7 @@ def test_with_spec_hash_ignores_its_own_annotation() -> None:
     assert changed["metadata"]["annotations"] != once["metadata"]["annotations"]
 
 
-def test_trainer_identity_may_patch_only_its_attempts_pods() -> None:
+def test_trainer_identity_may_update_only_its_lease_and_nothing_on_pods() -> None:
     from graft.builders.finetunejob import build_trainer_identity
 
     job, placement = two_by_eight()
@@ -424,10 +426,10 @@ def test_trainer_identity_may_patch_only_its_attempts_pods() -> None:
     assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "llama-sft-trainer"
     assert role["rules"] == [
         {
-            "apiGroups": [""],
-            "resources": ["pods"],
-            "verbs": ["get", "patch"],
-            "resourceNames": ["llama-sft-a3-r0", "llama-sft-a3-r1"],
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "update", "patch"],
+            "resourceNames": ["llama-sft-progress"],
         }
     ]
     assert binding["roleRef"]["name"] == "llama-sft-trainer"
@@ -538,3 +540,28 @@ def test_s3_credentials_come_from_a_secret_and_identity_from_an_account() -> Non
     assert [s["name"] for s in binding["subjects"]] == ["llama-sft-trainer", "s3-reader"]
     # nothing secret is written into the pod spec itself
     assert "secretKeyRef" not in json.dumps(pod["spec"]["volumes"])
+
+
+def test_progress_lease_and_network_policy() -> None:
+    from graft.builders.trainer_children import (
+        build_network_policy,
+        build_progress_lease,
+        heartbeat_interval,
+    )
+
+    job, _ = two_by_eight()
+    lease = without_hash(build_progress_lease(job, SETTINGS))
+    assert lease["apiVersion"] == "coordination.k8s.io/v1" and lease["kind"] == "Lease"
+    assert lease["metadata"]["name"] == "llama-sft-progress"
+    assert lease["metadata"]["labels"]["graft.dev/job"] == "llama-sft"
+    # the operator never sets what the trainer writes
+    assert lease["spec"] == {"leaseDurationSeconds": 600}
+    assert "annotations" not in lease["metadata"]
+    assert (heartbeat_interval(600), heartbeat_interval(20), heartbeat_interval(5)) == (30, 4, 1)
+    policy = without_hash(build_network_policy(job))
+    peers = {"matchLabels": {"graft.dev/job": "llama-sft"}}
+    assert policy["spec"] == {
+        "podSelector": peers,
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": peers}]}],
+    }

@@ -69,10 +69,24 @@ def pod(
     }
 
 
+NODES2 = {"n0": node("n0"), "n1": node("n1")}
+
+
 def run(
-    body: dict[str, Any], pods: list[dict[str, Any]], nodes: dict[str, Any], now: dt.datetime = NOW
+    body: dict[str, Any],
+    pods: list[dict[str, Any]],
+    nodes: dict[str, Any],
+    now: dt.datetime = NOW,
+    lease: dict[str, Any] | None = None,
 ) -> ftj.Plan:
-    return ftj.decide(ftj.World(job=body, pods=pods, nodes=nodes, now=now), SETTINGS)
+    world = ftj.World(job=body, pods=pods, nodes=nodes, now=now, lease=lease)
+    return ftj.decide(world, SETTINGS)
+
+
+def lease(report: dict[str, Any] | None = None, renewed: str | None = None) -> dict[str, Any]:
+    """The job's progress Lease as rank 0 leaves it."""
+    notes = {"graft.dev/progress": json.dumps(report)} if report is not None else {}
+    return {"metadata": {"annotations": notes}, "spec": {"renewTime": renewed}}
 
 
 def cond(plan: ftj.Plan | ms.Plan, type_: str) -> Any:
@@ -94,6 +108,8 @@ def test_first_pass_places_and_creates_the_gang() -> None:
         "ServiceAccount",
         "Role",
         "RoleBinding",
+        "Lease",
+        "NetworkPolicy",
         "ConfigMap",
         "Service",
     ]
@@ -177,16 +193,93 @@ def test_unschedulable() -> None:
     assert plan.create_pods == []
 
 
-def test_progress_annotation_rolls_up() -> None:
-    p0 = pod(1, 0, "n0")
-    p0["metadata"]["annotations"] = {
-        "graft.dev/progress": json.dumps(
-            {"step": 5, "totalSteps": 10, "loss": 2.5, "lastCheckpoint": {"step": 4, "uri": "x"}}
-        )
+def test_progress_on_the_lease_rolls_up() -> None:
+    report = {
+        "attempt": 1,
+        "step": 5,
+        "totalSteps": 10,
+        "loss": 2.5,
+        "lastCheckpoint": {"step": 4, "uri": "pvc://models/out/checkpoints/ckpt-s00-00000004"},
     }
-    plan = run(job(started()), [p0, pod(1, 1, "n1")], {"n0": node("n0"), "n1": node("n1")})
+    plan = run(job(started()), [pod(1, 0, "n0"), pod(1, 1, "n1")], NODES2, lease=lease(report))
     assert plan.status.progress_summary == "5/10"
     assert plan.status.last_checkpoint is not None and plan.status.last_checkpoint.step == 4
+    # an older attempt's report is not this attempt's progress
+    stale = run(
+        job(started()),
+        [pod(1, 0, "n0"), pod(1, 1, "n1")],
+        NODES2,
+        lease=lease(report | {"attempt": 0}),
+    )
+    assert stale.status.progress_summary is None
+
+
+def test_a_pod_annotation_is_not_a_report() -> None:
+    """Trainers may no longer write Pods; an annotation on one is ignored."""
+    p0 = pod(1, 0, "n0")
+    p0["metadata"]["annotations"] = {"graft.dev/progress": json.dumps({"step": 5})}
+    plan = run(job(started()), [p0, pod(1, 1, "n1")], NODES2)
+    assert plan.status.progress is None
+
+
+@pytest.mark.parametrize(
+    ("piece", "value"),
+    [
+        ("lastCheckpoint", {"step": 4, "uri": "pvc://other-team/ckpt"}),
+        ("lastCheckpoint", {"step": 4, "uri": "pvc://models/out/checkpoints/../../../etc"}),
+        ("lastCheckpoint", {"step": 4, "uri": "pvc://models/out/checkpointsX/c"}),
+        ("output", {"uri": "gopher://x", "kind": "adapter"}),
+        ("output", {"uri": "pvc://models/elsewhere", "kind": "adapter"}),
+    ],
+)
+def test_uris_outside_the_jobs_storage_are_ignored_with_a_warning(
+    piece: str, value: dict[str, Any]
+) -> None:
+    report = {"attempt": 1, "step": 5, "totalSteps": 10, piece: value}
+    plan = run(job(started()), [pod(1, 0, "n0"), pod(1, 1, "n1")], NODES2, lease=lease(report))
+    assert plan.status.progress_summary == "5/10"
+    assert plan.status.last_checkpoint is None
+    assert plan.status.output is None or plan.status.output.uri == "pvc://models/out"
+    warnings = [e for e in plan.events if e[0] == "Warning" and e[1] == "UntrustedReport"]
+    assert len(warnings) == 1 and value["uri"][:30] in warnings[0][2]
+
+
+def running_since(t: str) -> dict[str, Any]:
+    st = started()
+    st["conditions"] = [c for c in st.get("conditions", []) if c["type"] != "Running"] + [
+        {
+            "type": "Running",
+            "status": "True",
+            "reason": "AllRanksRunning",
+            "message": "2/2 ranks running",
+            "lastTransitionTime": t,
+        }
+    ]
+    return st
+
+
+def test_a_silent_running_gang_is_hung_and_restarted() -> None:
+    pods = [pod(1, 0, "n0"), pod(1, 1, "n1")]
+    body = job(running_since("2026-11-25T20:00:00Z"))
+    fresh = (NOW - dt.timedelta(seconds=SETTINGS.heartbeat_timeout_seconds - 30)).isoformat()
+    ok = run(body, pods, NODES2, lease=lease(renewed=fresh))
+    assert cond(ok, "Running").status == "True" and not ok.delete_pods
+    assert ok.requeue_after is not None and 30 <= ok.requeue_after <= 32
+    old = (NOW - dt.timedelta(seconds=SETTINGS.heartbeat_timeout_seconds + 5)).isoformat()
+    hung = run(body, pods, NODES2, lease=lease(renewed=old))
+    c = cond(hung, "Restarting")
+    assert (c.status, c.reason) == ("True", "TrainerHung")
+    assert "no heartbeat from rank 0" in c.message
+    assert sorted(n for n, _ in hung.delete_pods) == ["j-a1-r0", "j-a1-r1"]
+    assert hung.status.last_failure is not None
+    assert hung.status.last_failure.reason == "TrainerHung"
+    # No heartbeat at all: the clock starts when the gang was seen running.
+    never = run(body, pods, NODES2)
+    assert cond(never, "Restarting").reason == "TrainerHung"
+    # A per-job timeout wins over the operator's.
+    patient = job(running_since("2026-11-25T20:00:00Z"))
+    patient["spec"]["restartPolicy"] = {"heartbeatTimeoutSeconds": 86400}
+    assert not run(patient, pods, NODES2, lease=lease(renewed=old)).delete_pods
 
 
 def test_status_patch_deletes_cleared_fields() -> None:

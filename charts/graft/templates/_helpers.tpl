@@ -96,7 +96,15 @@ cluster-wide mode and by the Role in single-namespace mode.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch", "delete"]
-# each job's trainer identity
+# each job's progress Lease (the operator watches it, and must hold the verbs the
+# trainer's Role grants on it) and the NetworkPolicy around its gang
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "create", "update", "patch"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
+# each job's trainer identity: a Role that lets its ranks update only the job's Lease
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["create", "patch", "delete"]

@@ -98,6 +98,14 @@ class Settings(ApiModel):
         description="GRAFT_ALLOW_HUB: true lets FineTuneJobs read hf:// URIs (the cluster "
         "must allow egress to the hub); false (air-gapped, the default) refuses them.",
     )
+    heartbeat_timeout_seconds: int = Field(
+        default=600,
+        ge=5,
+        le=86400,
+        description="GRAFT_HEARTBEAT_TIMEOUT_SECONDS: a running gang whose trainer heartbeat "
+        "is older than this is restarted from its last checkpoint (reason TrainerHung); "
+        "a job's spec.restartPolicy.heartbeatTimeoutSeconds overrides it.",
+    )
     log_format: str = Field(
         default="json", pattern="^(json|plain)$", description="GRAFT_LOG_FORMAT: json or plain."
     )

@@ -54,6 +54,8 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
+        self.networking = client.NetworkingV1Api(api)
 
     @classmethod
     async def connect(cls) -> Kube:
@@ -93,6 +95,14 @@ class Kube:
             if kind == "RoleBinding":
                 return self._plain(
                     await self.rbac.patch_namespaced_role_binding(name, ns, obj, **kw)
+                )
+            if kind == "Lease":
+                return self._plain(
+                    await self.coordination.patch_namespaced_lease(name, ns, obj, **kw)
+                )
+            if kind == "NetworkPolicy":
+                return self._plain(
+                    await self.networking.patch_namespaced_network_policy(name, ns, obj, **kw)
                 )
             group, version = obj["apiVersion"].split("/")
             plural = _CUSTOM[(obj["apiVersion"], kind)]

@@ -86,6 +86,7 @@ class Reason(StrEnum):
     OOM_KILLED = "OOMKilled"
     RETRYABLE_EXIT = "RetryableExit"
     TRAINER_CRASHED = "TrainerCrashed"
+    TRAINER_HUNG = "TrainerHung"
     # Failures: not retryable
     USER_ERROR = "UserError"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
@@ -645,7 +646,7 @@ def progress_from_annotation(text: str | None) -> ProgressUpdate:
         output = {k: v for k, v in output.items() if k != "promotable"}
     extra = {
         k: raw[k]
-        for k in ("stageIndex", "stages")
+        for k in ("stageIndex", "stages", "attempt")
         if isinstance(raw.get(k), int) and not isinstance(raw.get(k), bool)
     }
     return ProgressUpdate(

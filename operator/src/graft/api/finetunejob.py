@@ -340,6 +340,15 @@ class RestartPolicy(ApiModel):
     max_backoff_seconds: int = Field(
         default=300, ge=0, le=86400, description="Upper bound of the doubling backoff."
     )
+    heartbeat_timeout_seconds: int | None = Field(
+        default=None,
+        ge=5,
+        le=86400,
+        description="A running gang whose trainer heartbeat (the progress Lease's renewTime) "
+        "is older than this is hung: it is torn down and restarted from the last checkpoint "
+        "(reason TrainerHung). Unset: the operator's GRAFT_HEARTBEAT_TIMEOUT_SECONDS "
+        "(default 600). Must exceed the longest optimizer step plus checkpoint write.",
+    )
 
 
 class EvaluationDataset(ApiModel):

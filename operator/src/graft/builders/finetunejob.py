@@ -16,6 +16,7 @@ from typing import Any
 from graft.api.common import parse_uri, s3_env
 from graft.api.finetunejob import FineTuneJob, FineTuneJobSpec, Placement
 from graft.builders import naming
+from graft.builders.trainer_children import heartbeat_interval, heartbeat_timeout
 from graft.config import NodePool, Settings
 from graft.placement import estimate_params_billion, parallelism
 
@@ -240,17 +241,17 @@ def pod_account_name(job: FineTuneJob) -> str:
 def build_trainer_identity(
     job: FineTuneJob, placement: Placement, attempt: int
 ) -> list[dict[str, Any]]:
-    """ServiceAccount + Role + RoleBinding that let the attempt's ranks patch their own Pods.
+    """ServiceAccount + Role + RoleBinding that let the job's ranks update its progress
+    Lease and nothing else.
 
-    Rank 0 reports progress as an annotation on its own Pod; the Role names exactly this
-    attempt's Pods (``resourceNames``), so a trainer can touch nothing else. A namespace's
-    default ServiceAccount usually may not patch Pods at all.
+    Rank 0 reports progress and its heartbeat on the Lease; the Role names exactly that
+    Lease (``resourceNames``) and grants nothing on Pods: a pod that could patch itself
+    could change its labels, owners and finalizers (trainer code is user code).
     """
     name = job_name(job)
     ns = job_namespace(job)
     account = trainer_account_name(name)
     labels = naming.trainer_labels(name, component=COMPONENT_IDENTITY)
-    pods = [naming.pod_name(name, attempt, r) for r in range(placement.nodes)]
     meta = {"name": account, "namespace": ns, "labels": labels}
     return [
         naming.with_spec_hash({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}),
@@ -261,10 +262,10 @@ def build_trainer_identity(
                 "metadata": meta,
                 "rules": [
                     {
-                        "apiGroups": [""],
-                        "resources": ["pods"],
-                        "verbs": ["get", "patch"],
-                        "resourceNames": pods,
+                        "apiGroups": ["coordination.k8s.io"],
+                        "resources": ["leases"],
+                        "verbs": ["get", "update", "patch"],
+                        "resourceNames": [naming.progress_lease_name(name)],
                     }
                 ],
             }
@@ -294,6 +295,8 @@ def trainer_env(
     attempt: int,
     rank: int,
     resume_from: str | None,
+    *,
+    heartbeat_interval: int,
 ) -> list[dict[str, Any]]:
     """Environment of one rank, in the order of docs/runtime-contract.md."""
     name = job_name(job)
@@ -318,6 +321,8 @@ def trainer_env(
         var("GRAFT_CHECKPOINT_URI", checkpoint_uri(job.spec)),
         field("POD_NAME", "metadata.name"),
         field("POD_NAMESPACE", "metadata.namespace"),
+        var("GRAFT_PROGRESS_LEASE", naming.progress_lease_name(name)),
+        var("GRAFT_HEARTBEAT_INTERVAL_SECONDS", heartbeat_interval),
         var("GRAFT_TERMINATION_LOG", TERMINATION_LOG),
         *s3_env(job.spec.s3),
     ]
@@ -444,7 +449,14 @@ def build_pod(
         "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
         "command": list(TRAINER_COMMAND),
-        "env": trainer_env(job, placement, attempt, rank, resume_from),
+        "env": trainer_env(
+            job,
+            placement,
+            attempt,
+            rank,
+            resume_from,
+            heartbeat_interval=heartbeat_interval(heartbeat_timeout(job, settings)),
+        ),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
         "resources": _resources(job, placement, pool),
         "volumeMounts": mounts,

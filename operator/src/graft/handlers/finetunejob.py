@@ -37,7 +37,9 @@ def _owner_job(body: kopf.Body) -> str | None:
 def _reconciler(memo: Any, kwargs: dict[str, Any]) -> FineTuneJobReconciler:
     """The reconciler, pointed at Kopf's live indexes (handed to handlers as kwargs)."""
     rec: FineTuneJobReconciler = memo.finetunejobs
-    rec.use_indexes(kwargs["graft_trainer_pods"], kwargs["graft_nodes"])
+    rec.use_indexes(
+        kwargs["graft_trainer_pods"], kwargs["graft_nodes"], kwargs["graft_progress_leases"]
+    )
     return rec
 
 
@@ -65,6 +67,41 @@ async def graft_trainer_pods_by_node(
     """node name -> (namespace, job) of the gangs on it."""
     node, job = body.spec.get("nodeName"), _owner_job(body)
     return {node: (namespace, job)} if node and job else None
+
+
+@kopf.index("coordination.k8s.io", "v1", "leases", labels={LABEL_JOB: kopf.PRESENT})
+async def graft_progress_leases(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[Any, Any] | None:
+    """(namespace, job) -> the job's progress Lease: the report and the heartbeat."""
+    job = _owner_job(body)
+    if job is None:
+        return None
+    return {
+        (namespace, job): {
+            "metadata": {"annotations": dict(body.metadata.annotations)},
+            "spec": {"renewTime": body.spec.get("renewTime")},
+        }
+    }
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels={LABEL_JOB: kopf.PRESENT})
+async def progress_lease_changed(
+    body: kopf.Body, namespace: str | None, memo: Any, **kwargs: Any
+) -> None:
+    """A new report needs a pass; a renewal alone does not (the pass that checks the
+    heartbeat is scheduled by time)."""
+    job = _owner_job(body)
+    reports: dict[str, Any] = memo.lease_reports
+    uid = str(body.metadata.uid)
+    if not job or kwargs.get("type") == "DELETED":
+        reports.pop(uid, None)
+        return
+    report = body.metadata.annotations.get(ANNOTATION_PROGRESS)
+    if reports.get(uid) == report:
+        return
+    reports[uid] = report
+    await _reconciler(memo, kwargs).reconcile(str(namespace), job)
 
 
 @kopf.index("nodes")

@@ -47,6 +47,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.finetunejobs = FineTuneJobReconciler(memo.kube, memo.config)
     memo.node_readiness = {}
     memo.pod_digests = {}
+    memo.lease_reports = {}
     memo.modelservices = ModelServiceReconciler(memo.kube, memo.config)
     pools = [p.name for p in memo.config.node_pools]
     log.info("graft operator started", extra={"nodePools": pools})

@@ -34,13 +34,20 @@ from graft.api.finetunejob import (
 )
 from graft.builders import finetunejob as build
 from graft.builders import naming
+from graft.builders.trainer_children import (
+    build_network_policy,
+    build_progress_lease,
+    heartbeat_timeout,
+)
 from graft.config import NodePool, Settings
 from graft.gate import verdict
 from graft.kube import Kube
 from graft.placement import PlacementError, place
 from graft.reconcile.common import Coalescer, status_patch
+from graft.reconcile.trainer_report import hung_for, read_report
 from graft.status import (
     ConditionType,
+    Failure,
     GangPhase,
     GangState,
     Reason,
@@ -50,7 +57,6 @@ from graft.status import (
     make_condition,
     next_backoff,
     parse_time,
-    progress_from_annotation,
     progress_summary,
 )
 from graft.validation import InvalidSpec, cluster_uri_problem, parse_spec
@@ -68,6 +74,7 @@ class World:
     nodes: Mapping[str, Mapping[str, Any]]
     now: dt.datetime
     recorded_spec: dict[str, Any] | None = None  # spec of the running attempt (ConfigMap)
+    lease: Mapping[str, Any] | None = None  # the progress Lease rank 0 writes
 
 
 @dataclasses.dataclass
@@ -442,6 +449,7 @@ def _new_attempt(d: Draft, why: str) -> Draft:
     st.start_time = st.start_time or d.stamp()
     st.spec_hash = st.spec_hash or _spec_hash(d.spec)
     d.plan.apply += build.build_trainer_identity(d.job, placement, st.attempt)
+    d.plan.apply += [build_progress_lease(d.job, d.settings), build_network_policy(d.job)]
     d.plan.apply += d.gang_children()
     d.plan.create_pods += d.rank_pods()
     resume = d.resume_from()
@@ -465,6 +473,8 @@ def observe_gang(d: Draft) -> Draft:
         expected=d.placement.nodes,
     )
     _roll_up_progress(d)
+    if gang.phase == GangPhase.RUNNING:
+        d.gang = gang = _check_heartbeat(d, gang)
     if gang.missing_ranks and not gang.failures:
         # the operator stopped between creating Pods, or someone deleted an unstarted one
         missing = set(gang.missing_ranks)
@@ -528,21 +538,15 @@ def _gang_succeeded(d: Draft, gang: GangState) -> Draft:
 
 
 def _roll_up_progress(d: Draft) -> None:
-    """Rank 0's progress report into status."""
+    """Rank 0's report on the progress Lease into status, URIs checked first."""
     st = d.status
-    rank0 = next(
-        (
-            p
-            for p in d.attempt_pods
-            if (p["metadata"].get("labels") or {}).get(naming.LABEL_RANK) == "0"
-        ),
-        None,
-    )
-    if rank0 is None:
+    assert d.spec is not None
+    report = read_report(d.world.lease, d.spec, st.attempt)
+    if report is None:
         return
-    upd = progress_from_annotation(
-        (rank0["metadata"].get("annotations") or {}).get(naming.ANNOTATION_PROGRESS)
-    )
+    for why in report.rejected:
+        d.event("Warning", "UntrustedReport", f"ignored from the trainer's report: {why}")
+    upd = report.update
     if upd.progress is not None:
         st.progress = upd.progress
         st.progress_summary = progress_summary(upd.progress.step, upd.progress.total_steps)
@@ -554,6 +558,35 @@ def _roll_up_progress(d: Draft) -> None:
         st.output = upd.output
     if upd.evaluation is not None:
         st.evaluation = upd.evaluation
+
+
+def _check_heartbeat(d: Draft, gang: GangState) -> GangState:
+    """A Running gang whose heartbeat is older than the timeout is hung: a retryable
+    failure; otherwise a pass is scheduled for when it would be."""
+    timeout = heartbeat_timeout(d.job, d.settings)
+    since = next(
+        (
+            parse_time(c.last_transition_time)
+            for c in d.conds
+            if c.type == T.RUNNING and c.status == "True"
+        ),
+        None,
+    )
+    quiet, left = hung_for(d.world.lease, since or d.now, d.now, timeout)
+    if quiet is None:
+        wake = left + 1.0
+        d.plan.requeue_after = min(d.plan.requeue_after or wake, wake)
+        return gang
+    failure = Failure(
+        retryable=True,
+        reason=Reason.TRAINER_HUNG,
+        message=f"no heartbeat from rank 0 for {int(quiet)}s (heartbeat timeout {timeout}s): "
+        "a rank is stuck (in a collective, storage or a deadlock); restarting from the last "
+        "checkpoint. Raise spec.restartPolicy.heartbeatTimeoutSeconds if steps or checkpoint "
+        "writes take longer",
+        rank=0,
+    )
+    return dataclasses.replace(gang, phase=GangPhase.FAILED, failures=(failure,))
 
 
 def recover(d: Draft) -> Draft:
@@ -708,9 +741,12 @@ class FineTuneJobReconciler:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.pods_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
         self.nodes_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
+        self.leases_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
 
-    def use_indexes(self, pods: Mapping[Any, Any], nodes: Mapping[Any, Any]) -> None:
-        self.pods_index, self.nodes_index = pods, nodes
+    def use_indexes(
+        self, pods: Mapping[Any, Any], nodes: Mapping[Any, Any], leases: Mapping[Any, Any]
+    ) -> None:
+        self.pods_index, self.nodes_index, self.leases_index = pods, nodes, leases
 
     def _nodes(self) -> dict[str, Mapping[str, Any]]:
         out: dict[str, Mapping[str, Any]] = {}
@@ -763,6 +799,7 @@ class FineTuneJobReconciler:
             pods=[dict(p) for p in self.pods_index.get((namespace, name), [])],
             nodes=self._nodes(),
             now=dt.datetime.now(dt.UTC),
+            lease=next(iter(self.leases_index.get((namespace, name), [])), None),
         )
         plan = decide_or_report(world, self.settings)
         if plan.needs_recorded_spec:

@@ -467,7 +467,7 @@ class Trainer:
         workdir = env.workdir or default_workdir(self.job.name)
         workdir.mkdir(parents=True, exist_ok=True)
         plans = plan_stages(spec)
-        reporter.update(stages=len(plans), state="preparing")
+        reporter.update(stages=len(plans), state="preparing", attempt=self.job.attempt)
         reporter.emit(force=True)
         self._validate(d, plans)
         precision = self._precision(d.device)
