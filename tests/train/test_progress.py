@@ -153,3 +153,43 @@ def test_eta_format() -> None:
 def test_micro_time_is_what_the_apiserver_wants() -> None:
     t = dt.datetime(2026, 12, 1, 3, 4, 5, 67, tzinfo=dt.UTC)
     assert micro_time(t) == "2026-12-01T03:04:05.000067Z"
+
+
+def test_two_process_training_reports_to_the_lease(
+    k8s: client.ApiClient, namespace: str, control_plane: Any, tmp_path: Any, quiet_env: None
+) -> None:
+    """A real 2-rank gloo run with checkpoints writes its reports and heartbeat to the
+    Lease (credentials from KUBECONFIG, as under the process kubelet) and finishes."""
+    import os
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from trainkit import make_job
+
+    from graft.runtime.train import launch_local
+    from graft.testing.corpus import instruction_records, write_jsonl
+    from graft.testing.tiny_model import build_tiny_model
+
+    api = lease_api(k8s, namespace, "t-progress")
+    assets = {
+        "base": build_tiny_model(tmp_path / "base", seed=0),
+        "alpaca": write_jsonl(tmp_path / "a.jsonl", instruction_records(160, seed=12)),
+    }
+    job = make_job(assets, tmp_path, max_steps=12, every=5, gbs=16, mbs=8)
+    env = dict(os.environ)
+    env.update(
+        GRAFT_PROGRESS_LEASE="t-progress",
+        POD_NAMESPACE=namespace,
+        POD_NAME="t-a1-r0",
+        KUBECONFIG=str(control_plane.kubeconfig),
+        GRAFT_PROGRESS_INTERVAL="0.5",
+        GRAFT_ANNOTATION_INTERVAL="0.5",
+        GRAFT_HEARTBEAT_INTERVAL_SECONDS="0.5",
+    )
+    res = launch_local(job, nproc=2, workdir=tmp_path / "run", env=env)
+    assert res.exit_code == 0, res.termination
+    obj = api.read_namespaced_lease("t-progress", namespace)
+    last = json.loads(obj.metadata.annotations[ANNOTATION])
+    assert last["state"] == "succeeded" and last["attempt"] == 1
+    assert last["lastCheckpoint"]["step"] == 12
+    assert obj.spec.holder_identity == "t-a1-r0" and obj.spec.renew_time is not None

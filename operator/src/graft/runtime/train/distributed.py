@@ -99,11 +99,21 @@ def estimate_train_bytes(n_params: int, n_trainable: int, method: Method) -> int
 def choose_parallelism(
     requested: Parallelism, *, n_params: int, n_trainable: int, method: Method, device: torch.device
 ) -> Parallelism:
-    """``auto``: DDP when a full replica fits in 80% of one GPU (leaving activations room)."""
+    """``auto``: DDP when a full replica fits in 80% of one GPU (leaving activations room).
+
+    On CPU (gloo) FSDP is replaced by DDP: with torch 2.13 FSDP refuses a CPU-only process
+    unless told its device, and once told, gathering the full state dict for a checkpoint
+    crashes (``cpu_offload=True``: SIGSEGV in rank 0) or never returns (``cpu_offload=False``,
+    over 10 minutes for a 150k-parameter model); docs/trainer.md has the experiment."""
+    if device.type != "cuda":
+        if requested == Parallelism.FSDP:
+            log.warning(
+                "parallelism fsdp needs CUDA GPUs with torch 2.13; training with ddp on CPU "
+                "(same results, every rank holds the whole model)"
+            )
+        return Parallelism.DDP
     if requested != Parallelism.AUTO:
         return requested
-    if device.type != "cuda":
-        return Parallelism.DDP
     total = torch.cuda.get_device_properties(device).total_memory
     need = estimate_train_bytes(n_params, n_trainable, method)
     choice = Parallelism.DDP if need <= 0.8 * total else Parallelism.FSDP
