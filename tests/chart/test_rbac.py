@@ -21,7 +21,12 @@ Rule = tuple[str, str, str]  # (apiGroup, resource, verb)
 
 KUBE_PY = REPO_ROOT / "operator" / "src" / "graft" / "kube.py"
 RBAC_GROUP = "rbac.authorization.k8s.io"
-_API_GROUPS = {"core": "", "rbac": RBAC_GROUP}
+_API_GROUPS = {
+    "core": "",
+    "rbac": RBAC_GROUP,
+    "coordination": "coordination.k8s.io",
+    "networking": "networking.k8s.io",
+}
 _VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "delete": "delete"}
 #: Custom resources the operator server-side applies (creates) as children.
 APPLIED_CUSTOM = {"rayservices"}
@@ -42,6 +47,8 @@ KOPF: set[Rule] = {
     ("graft.dev", "modelservices/finalizers", "update"),
     ("", "pods", "list"),
     ("", "pods", "watch"),
+    ("coordination.k8s.io", "leases", "list"),
+    ("coordination.k8s.io", "leases", "watch"),
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
     ("ray.io", "rayservices", "list"),
@@ -55,7 +62,8 @@ CLUSTER_WIDE_ONLY = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 
 
 def _plural(snake: str) -> str:
-    return snake.replace("_", "") + "s"
+    word = snake.replace("_", "")
+    return word[:-1] + "ies" if word.endswith("y") else word + "s"
 
 
 def calls_in_kube_py(path: Path = KUBE_PY) -> set[Rule]:
@@ -67,7 +75,7 @@ def calls_in_kube_py(path: Path = KUBE_PY) -> set[Rule]:
             and isinstance(node.value, ast.Attribute)
             and isinstance(node.value.value, ast.Name)
             and node.value.value.id == "self"
-            and node.value.attr in ("core", "rbac", "custom")
+            and node.value.attr in ("core", "rbac", "custom", "coordination", "networking")
         ):
             continue
         m = re.fullmatch(

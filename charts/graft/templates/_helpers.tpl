@@ -83,11 +83,9 @@ cluster-wide mode and by the Role in single-namespace mode.
 - apiGroups: ["graft.dev"]
   resources: ["finetunejobs/finalizers", "modelservices/finalizers"]
   verbs: ["update"]
-# get and patch: a trainer identity's Role grants them on its own Pods, and a Role may
-# grant only what its creator holds
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+  verbs: ["list", "watch", "create", "delete"]
 # server-side apply (create + patch); delete takes back what a refused job had made
 - apiGroups: [""]
   resources: ["services", "serviceaccounts"]
@@ -103,7 +101,7 @@ cluster-wide mode and by the Role in single-namespace mode.
   verbs: ["get", "list", "watch", "create", "update", "patch"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["create", "patch"]
 # each job's trainer identity: a Role that lets its ranks update only the job's Lease
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
