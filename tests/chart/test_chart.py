@@ -95,14 +95,7 @@ def _single_namespace(docs: Docs) -> None:
     role = one(docs, "Role")
     assert role["metadata"]["namespace"] == "team-a"
     assert grants(role["rules"], "graft.dev", "finetunejobs") >= {"get", "list", "watch", "patch"}
-    assert grants(role["rules"], "", "pods") == {
-        "get",
-        "list",
-        "watch",
-        "create",
-        "delete",
-        "patch",
-    }
+    assert grants(role["rules"], "", "pods") == {"list", "watch", "create", "delete"}
     binding = one(docs, "RoleBinding")
     assert binding["metadata"]["namespace"] == "team-a"
     assert binding["subjects"] == [
