@@ -135,10 +135,11 @@ def test_a_canary_that_errors_is_rolled_back(
 ) -> None:
     deploy_canary(local_serve, tiny, nan_adapter, 50)
     # sampling (temperature > 0) from NaN logits fails: the new version errors
-    assert complete(local_serve, "v2", temperature=1.0).status_code == 500
+    assert complete(local_serve, "v2", temperature=1.0).status_code >= 400
     codes = [complete(local_serve, "support", temperature=1.0).status_code for _ in range(40)]
     # five canary failures (minRequests) trip the rollback; every later request succeeds
-    assert codes.count(500) == 5 and set(codes[12:]) == {200}, codes
+    failed = [c for c in codes if c != 200]
+    assert len(failed) == 5 and set(codes[12:]) == {200}, codes
     report = readyz(local_serve)["canaries"]["support"]
     assert report["state"] == "RolledBack" and report["weight"] == 0
     assert "error rate 100.0%" in report["reason"]

@@ -106,7 +106,7 @@ class OpenAIService:
             return JSONResponse(e.body(), status_code=e.status, headers=self._headers)
         except EngineError as e:
             self._count(model, route, 400, None)
-            self._outcome(req, ok=True)
+            self._outcome(req, ok=False)
             err = p.OpenAIError(400, str(e))
             return JSONResponse(err.body(), status_code=400, headers=self._headers)
         except Exception:
@@ -118,8 +118,10 @@ class OpenAIService:
         return response
 
     def _outcome(self, req: _Request, *, ok: bool) -> None:
-        # A refused request (4xx) is the client's doing, not the version's; it counts as
-        # served so that a canary is judged on what it answers.
+        # A request that fails counts against its version whatever the status: the split
+        # ignores the request's content, so mistakes of the clients fall on both versions
+        # alike and cancel out in the comparison, while a version that fails requests the
+        # other answers stands out (a broken adapter's failed sampling is a 400 here).
         if req.canary is not None:
             self.canaries.record(req.canary, ok=ok, latency_s=time.perf_counter() - req.start)
 
