@@ -305,8 +305,13 @@ def svc(adapters: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
     }
 
 
-def finished(uri: str, phase: str = "Succeeded", kind: str = "adapter") -> dict[str, Any]:
-    return {"status": {"phase": phase, "output": {"uri": uri, "kind": kind}}}
+def finished(
+    uri: str, phase: str = "Succeeded", kind: str = "adapter", *, spec_uri: str | None = None
+) -> dict[str, Any]:
+    return {
+        "spec": {"output": {"uri": spec_uri or uri}},
+        "status": {"phase": phase, "output": {"uri": uri, "kind": kind}},
+    }
 
 
 def test_service_waits_then_adds_adapter_without_touching_the_cluster() -> None:

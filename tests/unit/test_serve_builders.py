@@ -203,7 +203,7 @@ def test_cpu_serving_needs_no_pool() -> None:
     rs = build_rayservice(msvc, [], SETTINGS, pool=None)
     pod = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     assert "nodeSelector" not in pod
-    assert pod["containers"][0]["resources"]["limits"] == {"cpu": "1"}
+    assert pod["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "8Gi"}
 
 
 def test_gpu_serving_without_pool_is_refused() -> None:
@@ -248,6 +248,8 @@ def test_builders_are_deterministic() -> None:
         ("autoscaling.maxReplicas", 8, False),
         ("autoscaling.targetOngoingRequests", 2, False),
         ("model.servedName", "other", False),
+        ("auth.apiKeySecretRef", {"name": "keys", "key": "list"}, True),
+        ("network.allowFromNamespaces", ["web"], False),
     ],
 )
 def test_spec_hash_covers_cluster_shaping_fields(path: str, value: Any, rolls: bool) -> None:

@@ -112,6 +112,13 @@ cluster-wide mode and by the Role in single-namespace mode.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]
+# each ModelService's Ray token (created once, never read back) and NetworkPolicy
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
   verbs: ["get", "list", "watch", "create", "patch"]

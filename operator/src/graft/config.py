@@ -106,6 +106,12 @@ class Settings(ApiModel):
         "is older than this is restarted from its last checkpoint (reason TrainerHung); "
         "a job's spec.restartPolicy.heartbeatTimeoutSeconds overrides it.",
     )
+    kuberay_namespace: str | None = Field(
+        default=None,
+        description="GRAFT_KUBERAY_NAMESPACE: namespace of the KubeRay operator; each "
+        "ModelService's NetworkPolicy lets only its pods (label app.kubernetes.io/name="
+        "kuberay-operator) reach the Ray dashboard. Unset: such pods in any namespace.",
+    )
     log_format: str = Field(
         default="json", pattern="^(json|plain)$", description="GRAFT_LOG_FORMAT: json or plain."
     )

@@ -129,6 +129,18 @@ class Kube:
             if e.status != 404:
                 raise api_error(e, f"delete {kind} {ns}/{name}") from e
 
+    async def create_secret(self, secret: dict[str, Any]) -> bool:
+        """Create a Secret the operator generates; False when it exists already (its
+        content is kept: the operator never reads Secrets back)."""
+        ns, name = secret["metadata"]["namespace"], secret["metadata"]["name"]
+        try:
+            await self.core.create_namespaced_secret(ns, secret)  # type: ignore[arg-type]
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise api_error(e, f"create Secret {ns}/{name}") from e
+
     async def create_pod(self, pod: dict[str, Any]) -> bool:
         """Create a pod; False when one of that name already exists (no duplicates)."""
         ns = pod["metadata"]["namespace"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Any
@@ -158,6 +159,23 @@ def parse_uri(uri: str) -> tuple[str, str]:
             f"unsupported URI {uri!r}: use one of " + ", ".join(f"{s}://" for s in URI_SCHEMES)
         )
     return m.group(1), m.group(2)
+
+
+_SUFFIX = {
+    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity (``500m``, ``8``, ``64Gi``) as a finite number."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", value)
+    if not m or (m.group(2) and m.group(2) not in _SUFFIX):
+        raise ValueError(f"not a quantity: {value!r}")
+    number = float(m.group(1)) * _SUFFIX.get(m.group(2), 1.0)
+    if not math.isfinite(number):
+        raise ValueError(f"quantity out of range: {value!r}")
+    return number
 
 
 def set_condition(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from graft.api.common import (
     ApiModel,
@@ -15,7 +15,29 @@ from graft.api.common import (
     S3Access,
     StorageRef,
     StorageUri,
+    quantity,
 )
+
+DnsSubdomain = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        max_length=253,
+    ),
+]
+SecretKey = Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)]
+LabelKey = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
+        max_length=317,
+    ),
+]
+LabelValue = Annotated[
+    str,
+    StringConstraints(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$", max_length=63),
+]
 
 KIND = "ModelService"
 PLURAL = "modelservices"
@@ -147,6 +169,11 @@ class ModelSource(ApiModel):
         return self
 
 
+#: Bounds of one replica (one node's worth, with room): beyond them a value is a typo.
+MAX_REPLICA_CPUS = 1024.0
+MAX_REPLICA_MEMORY = float(64 * 2**40)
+
+
 class ServeResources(ApiModel):
     """Hardware for each replica."""
 
@@ -162,6 +189,20 @@ class ServeResources(ApiModel):
     )
     cpu: Quantity | None = Field(default=None, description="CPU per replica, e.g. '8'.")
     memory: Quantity | None = Field(default=None, description="Memory per replica, e.g. 64Gi.")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ServeResources:
+        for field, value, most, unit in (
+            ("cpu", self.cpu, MAX_REPLICA_CPUS, "CPUs"),
+            ("memory", self.memory, MAX_REPLICA_MEMORY, "bytes"),
+        ):
+            if value is not None and quantity(value) > most:
+                raise ValueError(
+                    f"resources.{field} {value!r} is more than one replica can have "
+                    f"(at most {most:g} {unit}); give a per-replica amount such as "
+                    + ("'8'" if field == "cpu" else "'64Gi'")
+                )
+        return self
 
     @model_validator(mode="after")
     def _tp_fits(self) -> ServeResources:
@@ -199,6 +240,42 @@ class Autoscaling(ApiModel):
         return self
 
 
+class ApiKeySecretRef(ApiModel):
+    """A key of a Secret in the ModelService's namespace holding API keys, one per line."""
+
+    name: DnsSubdomain = Field(description="Name of the Secret.")
+    key: SecretKey = Field(description="Key in the Secret's data whose value lists the API keys.")
+
+
+class ServeAuth(ApiModel):
+    """Who may call the OpenAI endpoint."""
+
+    api_key_secret_ref: ApiKeySecretRef | None = Field(
+        default=None,
+        description="Require `Authorization: Bearer <key>` with a key listed (one per line; "
+        "blank lines and # comments ignored) in this Secret. The Secret is mounted into the "
+        "serving pods and re-read when it changes, so keys rotate without a restart. "
+        "Unset: no API key is asked for.",
+    )
+
+
+class ServeNetwork(ApiModel):
+    """Who may reach the OpenAI endpoint over the network (the rest of the Ray cluster is
+    reachable only from its own pods and the KubeRay operator)."""
+
+    allow_from_namespaces: list[DnsLabel] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Namespaces, besides the ModelService's own, whose pods may call the "
+        "endpoint (an ingress controller's, a gateway's, a client team's).",
+    )
+    allow_from_namespace_labels: dict[LabelKey, LabelValue] | None = Field(
+        default=None,
+        max_length=16,
+        description="Also namespaces carrying all these labels; {} means every namespace.",
+    )
+
+
 class ModelServiceSpec(ApiModel):
     """Desired state of a ModelService."""
 
@@ -219,6 +296,14 @@ class ModelServiceSpec(ApiModel):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Autoscaling.")
     image: str | None = Field(
         default=None, min_length=1, description="Server image; unset: the operator's default."
+    )
+    auth: ServeAuth = Field(
+        default_factory=ServeAuth, description="Authentication of the OpenAI endpoint."
+    )
+    network: ServeNetwork = Field(
+        default_factory=ServeNetwork,
+        description="NetworkPolicy of the serving pods; default: the endpoint is reachable "
+        "from the ModelService's own namespace only.",
     )
 
 

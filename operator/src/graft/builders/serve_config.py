@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from graft.api.common import quantity
 from graft.api.modelservice import Engine, ModelService
 
 #: The one application of a ModelService's serve config; its key in RayService status
@@ -22,6 +22,9 @@ DEPLOYMENT_NAME = "LLMServer"
 IMPORT_PATH = "graft.runtime.serve.app:build_app"
 ROUTE_PREFIX = "/"
 SERVE_PORT = 8000
+#: Where the Ray pods mount spec.auth.apiKeySecretRef, and the file its key becomes.
+API_KEYS_DIR = "/etc/graft/api-keys"
+API_KEYS_FILE = f"{API_KEYS_DIR}/keys"
 
 
 @dataclass(frozen=True)
@@ -83,20 +86,6 @@ def resolved_engine(msvc: ModelService) -> Engine:
     return Engine.VLLM if msvc.spec.resources.gpus_per_replica > 0 else Engine.TRANSFORMERS
 
 
-_SUFFIX = {
-    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}  # fmt: skip
-
-
-def quantity(value: str) -> float:
-    """A Kubernetes quantity (``500m``, ``8``, ``64Gi``) as a number."""
-    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", value)
-    if not m or (m.group(2) and m.group(2) not in _SUFFIX):
-        raise ValueError(f"not a quantity: {value!r}")
-    return float(m.group(1)) * _SUFFIX.get(m.group(2), 1.0)
-
-
 def replica_cpus(msvc: ModelService) -> float:
     """Ray CPUs per replica: spec.resources.cpu, else 1."""
     cpu = msvc.spec.resources.cpu
@@ -120,6 +109,14 @@ def build_serve_config(msvc: ModelService, adapters: list[ResolvedAdapter]) -> d
     }
     if spec.resources.memory:
         actor["memory"] = int(quantity(spec.resources.memory))
+    args: dict[str, Any] = {
+        "model": {"name": served_name(msvc), "uri": spec.model.base_model.uri},
+        "engine": resolved_engine(msvc).value,
+        "maxModelLen": spec.model.max_model_len,
+        "tensorParallelSize": spec.resources.tensor_parallel_size,
+    }
+    if spec.auth.api_key_secret_ref is not None:
+        args["apiKeyFile"] = API_KEYS_FILE
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
@@ -128,12 +125,7 @@ def build_serve_config(msvc: ModelService, adapters: list[ResolvedAdapter]) -> d
                 "name": APP_NAME,
                 "import_path": IMPORT_PATH,
                 "route_prefix": ROUTE_PREFIX,
-                "args": {
-                    "model": {"name": served_name(msvc), "uri": spec.model.base_model.uri},
-                    "engine": resolved_engine(msvc).value,
-                    "maxModelLen": spec.model.max_model_len,
-                    "tensorParallelSize": spec.resources.tensor_parallel_size,
-                },
+                "args": args,
                 "deployments": [
                     {
                         "name": DEPLOYMENT_NAME,

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from graft.builders.serve_config import APP_NAME, SERVE_PORT, ResolvedAdapter, R
 from graft.config import NodePool, Settings
 from graft.kube import Kube
 from graft.placement import PlacementError, place
+from graft.reconcile.adapter_trust import output_uri_problem
 from graft.reconcile.common import Coalescer, status_patch
 from graft.serve_client import HttpServeClient, ServeClient
 from graft.validation import InvalidSpec, parse_spec
@@ -49,6 +51,9 @@ class Plan:
     status: ModelServiceStatus
     rayservice: dict[str, Any] | None = None
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    #: Applied with the RayService: its NetworkPolicy, and the Ray token Secret (made once).
+    network_policy: dict[str, Any] | None = None
+    msvc: ModelService | None = None
 
 
 def _cond(
@@ -143,6 +148,14 @@ def _resolve_job(
             None,
             "waiting",
             (f"{what}: waiting for FineTuneJob {job_name!r} ({phase or 'Pending'})"),
+        )
+    problem = output_uri_problem(job, output["uri"])
+    if problem is not None:
+        return (
+            None,
+            "error",
+            f"{what}: FineTuneJob {job_name!r} {problem}; ignored. Rerun the job or give the "
+            "adapter a uri",
         )
     if output.get("kind") == "model":
         return (
@@ -425,8 +438,11 @@ def decide(
         )
 
     desired = rs.build_rayservice(msvc, ready, settings, pool=pool)
+    policy = rs.build_network_policy(msvc, settings)
+    # The policy's hash rides on the RayService, so a change of spec.network alone is seen.
+    desired["metadata"]["annotations"][rs.ANNOTATION_NETWORK_HASH] = naming.spec_hash(policy)
     if live is None or _differs(live, desired):
-        plan.rayservice = desired
+        plan.rayservice, plan.network_policy, plan.msvc = desired, policy, msvc
         if live is not None:
             same_cluster = _hash(live) == _hash(desired)
             plan.events.append(
@@ -515,9 +531,36 @@ def _hash(obj: Mapping[str, Any]) -> str | None:
 
 def _differs(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     lspec = live.get("spec") or {}
-    return _hash(live) != _hash(desired) or lspec.get("serveConfigV2") != desired["spec"].get(
-        "serveConfigV2"
+    live_ann = (live.get("metadata") or {}).get("annotations") or {}
+    return (
+        _hash(live) != _hash(desired)
+        or lspec.get("serveConfigV2") != desired["spec"].get("serveConfigV2")
+        or live_ann.get(rs.ANNOTATION_NETWORK_HASH)
+        != desired["metadata"]["annotations"].get(rs.ANNOTATION_NETWORK_HASH)
     )
+
+
+def internal_error_plan(body: Mapping[str, Any], e: Exception, now: dt.datetime) -> Plan:
+    """The status to write when ``decide`` raised: Ready=False, reason InternalError."""
+    meta = body.get("metadata") or {}
+    gen = meta.get("generation")
+    raw = {k: v for k, v in (body.get("status") or {}).items() if k != "graft"}
+    try:
+        st = ModelServiceStatus.model_validate(raw)
+    except ValueError:
+        st = ModelServiceStatus()
+    msg = (
+        f"the operator could not process this ModelService ({type(e).__name__}: {e}"[:600]
+        + "). This is a bug in Graft: report it with the ModelService's YAML; changing the "
+        "spec retries."
+    )
+    events = []
+    if not any(c.type == "Ready" and c.reason == "InternalError" for c in st.conditions):
+        events.append(("Warning", "InternalError", msg))
+    st.conditions = _cond(st.conditions, "Ready", False, "InternalError", msg, gen, now)
+    st.phase = ModelServicePhase.FAILED
+    st.observed_generation = gen
+    return Plan(status=st, events=events)
 
 
 #: How many replica reports one pass asks for; each comes from a replica Serve picks.
@@ -549,6 +592,17 @@ class ModelServiceReconciler:
         base = f"http://{svc}.{meta.get('namespace')}.svc:{SERVE_PORT}"
         return await self.serve.reports(base, samples=CANARY_REPORT_SAMPLES)
 
+    async def _apply_guards(self, plan: Plan, owner: kopf.Body) -> None:
+        """The Ray token Secret (created once; KubeRay hands it to every Ray container)
+        and the NetworkPolicy, before the RayService whose pods need them."""
+        if plan.msvc is not None:
+            secret = rs.build_ray_token_secret(plan.msvc, secrets.token_urlsafe(32))
+            kopf.append_owner_reference(secret, owner=owner)
+            await self.kube.create_secret(secret)
+        if plan.network_policy is not None:
+            kopf.append_owner_reference(plan.network_policy, owner=owner)
+            await self.kube.apply(plan.network_policy)
+
     async def _pass(self, namespace: str, name: str) -> None:
         t0 = asyncio.get_running_loop().time()
         body = await self.kube.get_custom(API_VERSION, KIND, namespace, name)
@@ -564,7 +618,13 @@ class ModelServiceReconciler:
         rs_name = naming.fit(name, rs.RAYSERVICE_NAME_MAX)
         live = await self.kube.get_custom(RAY_API_VERSION, "RayService", namespace, rs_name)
         reports = await self._canary_reports(body, live)
-        plan = decide(body, jobs, live, self.settings, dt.datetime.now(dt.UTC), reports)
+        now = dt.datetime.now(dt.UTC)
+        try:
+            plan = decide(body, jobs, live, self.settings, now, reports)
+        except Exception as e:
+            # A bug must not become a retry loop with an empty status: say so on the object.
+            log.exception("ModelService %s/%s: decide failed", namespace, name)
+            plan = internal_error_plan(body, e, now)
         owner = kopf.Body(
             {
                 "apiVersion": body["apiVersion"],
@@ -573,6 +633,7 @@ class ModelServiceReconciler:
             }
         )
         if plan.rayservice is not None:
+            await self._apply_guards(plan, owner)
             kopf.append_owner_reference(plan.rayservice, owner=owner)
             await self.kube.apply(plan.rayservice)
         patch = status_patch(dict(body.get("status") or {}), plan.status)

@@ -1,0 +1,110 @@
+"""A ModelService's serving cluster closed on a real control plane: Ray token Secret,
+NetworkPolicy, API key mount, restricted pods the apiserver accepts, bounded quantities."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from kubernetes import client
+from test_modelservice_controller import KUBERAY, Api, msvc
+
+from graft.testing.cluster import wait_for
+from graft.testing.kuberay_pods import kuberay_pods
+from graft.testing.operator import OperatorProcess
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not KUBERAY.is_dir(), reason=f"KubeRay CRDs not found at {KUBERAY}"),
+]
+
+
+@pytest.fixture
+def sec_api(k8s: client.ApiClient, namespace: str, operator_process: OperatorProcess) -> Api:
+    return Api(k8s, namespace)
+
+
+def _quantities_as_strings(obj: Any, parent: str = "") -> Any:
+    # The apiserver takes int-or-string quantities; this Python client's models want strings.
+    if isinstance(obj, dict):
+        if parent in ("limits", "requests"):
+            return {k: str(v) for k, v in obj.items()}
+        return {k: _quantities_as_strings(v, k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_quantities_as_strings(v) for v in obj]
+    return obj
+
+
+def _get(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def test_serving_cluster_is_closed(sec_api: Api, k8s: client.ApiClient) -> None:
+    api = sec_api
+    core, net = client.CoreV1Api(k8s), client.NetworkingV1Api(k8s)
+    spec = {
+        "auth": {"apiKeySecretRef": {"name": "chat-keys", "key": "keys"}},
+        "network": {"allowFromNamespaces": ["web"]},
+    }
+    api.create("modelservices", msvc("sec", [], **spec))
+    rsvc = wait_for("RayService", lambda: api.rayservice("sec"))
+    owner = api.msvc("sec")["metadata"]["uid"]
+    cluster = rsvc["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "sec-ray-token"}
+
+    secret = wait_for(
+        "token Secret", lambda: _get(core.read_namespaced_secret, "sec-ray-token", api.ns)
+    )
+    token = base64.b64decode(secret.data["auth_token"]).decode()
+    assert len(token) >= 32
+    assert [r.uid for r in secret.metadata.owner_references] == [owner]
+
+    policy = wait_for(
+        "NetworkPolicy", lambda: _get(net.read_namespaced_network_policy, "sec-ray", api.ns)
+    )
+    assert [r.uid for r in policy.metadata.owner_references] == [owner]
+    assert policy.spec.pod_selector.match_labels == {"graft.dev/modelservice": "sec"}
+    ports = [[p.port for p in (rule.ports or [])] for rule in policy.spec.ingress]
+    assert ports == [[], [8265], [8000]]
+
+    # Every Ray pod KubeRay would make from it passes the apiserver's own validation.
+    for role, pod_spec in kuberay_pods(_quantities_as_strings(rsvc)).items():
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"sec-{role}"},
+            "spec": pod_spec,
+        }
+        core.create_namespaced_pod(api.ns, pod, dry_run="All")
+
+    # A change of spec.network alone updates the policy; the token stays what it was.
+    api.custom.patch_namespaced_custom_object(
+        "graft.dev",
+        "v1alpha1",
+        api.ns,
+        "modelservices",
+        "sec",
+        {"spec": {"network": {"allowFromNamespaces": ["web", "gateway"]}}},
+    )
+
+    def widened() -> Any:
+        p = net.read_namespaced_network_policy("sec-ray", api.ns)
+        return len(p.spec.ingress[2]._from) == 4 and p
+
+    wait_for("NetworkPolicy updated", widened)
+    again = core.read_namespaced_secret("sec-ray-token", api.ns)
+    assert base64.b64decode(again.data["auth_token"]).decode() == token
+
+
+def test_unbounded_quantity_is_refused_by_the_schema(sec_api: Api) -> None:
+    body = msvc("huge", [], resources={"gpusPerReplica": 1, "memory": "1" + "0" * 400})
+    with pytest.raises(client.ApiException) as exc:
+        sec_api.create("modelservices", body)
+    assert exc.value.status == 422
+    assert "spec.resources.memory" in str(exc.value.body)
