@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from graft.api.common import quantity
 from graft.api.modelservice import ModelService
 from graft.builders.rayservice import (
     RAY_VERSION,
@@ -17,7 +18,7 @@ from graft.builders.rayservice import (
     endpoint,
     rayservice_name,
 )
-from graft.builders.serve_config import ResolvedAdapter, build_serve_config, quantity
+from graft.builders.serve_config import ResolvedAdapter, build_serve_config
 from graft.config import NodePool, Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import yaml
-from restricted_pod_check import all_violations, restricted_violations
 from test_serve_builders import A100, ADAPTERS, MS, SETTINGS, _crd_validator, render
 
 from graft.api.common import quantity
@@ -19,6 +18,7 @@ from graft.builders.serve_config import API_KEYS_FILE, build_serve_config
 from graft.config import Settings
 from graft.reconcile import modelservice as ms
 from graft.testing.kuberay_pods import kuberay_pods
+from graft.testing.pss import all_violations, restricted_violations
 
 NOW = dt.datetime(2026, 12, 1, 3, 0, tzinfo=dt.UTC)
 
@@ -75,7 +75,7 @@ def test_the_checker_catches_what_main_rendered() -> None:
     assert any("containers[autoscaler]: allowPrivilegeEscalation" in f for f in found)
     assert any("readOnlyRootFilesystem" in f for f in found)
     assert any("runAsUser" in f for f in found)
-    assert any("without sizeLimit" in f for f in found)
+    assert any("needs a sizeLimit" in f for f in found)
     assert restricted_violations({"containers": [{"name": "x"}], "volumes": []})
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from graft.api.common import parse_uri, s3_env
+from graft.api.common import parse_uri, quantity, s3_env
 from graft.api.modelservice import ModelService
 from graft.builders import naming
 from graft.builders.serve_config import (
@@ -21,7 +21,6 @@ from graft.builders.serve_config import (
     SERVE_PORT,
     ResolvedAdapter,
     build_serve_config,
-    quantity,
     replica_cpus,
     resolved_engine,
 )
