@@ -50,7 +50,9 @@ def job(
                     "message": "perplexity ratio 1.20 > maxPerplexityRatio 0.90",
                 }
             ]
-    spec = {"evaluation": {"gate": {"maxPerplexityRatio": 0.9}}} if gate else {}
+    spec: dict[str, Any] = {"output": {"uri": uri}}
+    if gate:
+        spec["evaluation"] = {"gate": {"maxPerplexityRatio": 0.9}}
     return {"spec": spec, "status": status}
 
 
