@@ -303,7 +303,8 @@ def test_finetune_survives_node_loss(
     assert final["phase"] == "Succeeded", explain(cluster, kubelet, operator)
     assert final["restarts"] == 1 and final["attempt"] == 2
     assert final["progress"]["step"] == MAX_STEPS
-    assert final["output"] == {"uri": OUTPUT_URI, "kind": "adapter"}
+    # No evaluation gate on this job, so its output is promotable (issue 11).
+    assert final["output"] == {"uri": OUTPUT_URI, "kind": "adapter", "promotable": True}
     out_dir = kubelet.claim_dir(ns, "out") / JOB
     assert (out_dir / "adapter_config.json").exists()
     assert (out_dir / "adapter_model.safetensors").exists()
