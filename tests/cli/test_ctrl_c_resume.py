@@ -93,4 +93,9 @@ def test_ctrl_c_then_run_again_resumes(tiny: dict[str, Path], tmp_path: Path) ->
     assert (out_dir / "adapter_config.json").exists()
     state = json.loads((workdir / "jobs" / "tiny-job.json").read_text())
     assert state["phase"] == "Succeeded" and state["attempt"] == 2
-    assert state["output"] == {"uri": f"file://{out_dir}", "kind": "adapter", "path": str(out_dir)}
+    assert state["output"] == {
+        "uri": f"file://{out_dir}",
+        "kind": "adapter",
+        "path": str(out_dir),
+        "promotable": True,  # no evaluation gate: nothing holds it back
+    }
