@@ -179,12 +179,14 @@ def test_valid_job_is_accepted_by_the_operator(
     namespace: str,
 ) -> None:
     assert apply(control_plane, namespace, ftj("ok-job")).returncode == 0
+    # Kopf stores its diff base in a patch of its own after the handler's status write
     obj = wait_for(
-        "Accepted=True",
+        "Accepted=True and Kopf's bookkeeping in status.graft",
         lambda: (
             (o := get(k8s, namespace, "finetunejobs", "ok-job"))
             and (c := condition(o, "Accepted"))
             and c["status"] == "True"
+            and "graft" in o.get("status", {})
             and o
         ),
     )
