@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from graft.builders import naming
 from graft.testing.cluster import FakeKubelet, wait_for
 from graft.testing.controlplane import ControlPlane
 from graft.testing.operator import OperatorProcess
@@ -173,13 +174,20 @@ def test_two_node_gang_lands_on_a100_nodes(
     # rank pods run as the job's trainer identity, which may patch only its own pods
     assert {p.spec.service_account_name for p in pods} == {"gang-trainer"}
     sa = f"--as=system:serviceaccount:{jobs.ns}:gang-trainer"
+    # the trainer identity writes only its job's progress Lease, never a Pod (issue 9)
+    lease = naming.progress_lease_name("gang")
     can = [
         control_plane.kubectl(
-            "auth", "can-i", "patch", f"pods/{p}", sa, "-n", jobs.ns, check=False
+            "auth", "can-i", "patch", obj, sa, "-n", jobs.ns, check=False
         ).stdout.strip()
-        for p in ("gang-a1-r0", "gang-a1-r1", "someone-else")
+        for obj in (
+            "pods/gang-a1-r0",
+            "pods/gang-a1-r1",
+            f"leases.coordination.k8s.io/{lease}",
+            "leases.coordination.k8s.io/someone-else",
+        )
     ]
-    assert can == ["yes", "yes", "no"]
+    assert can == ["no", "no", "yes", "no"]
     jobs.run_all("gang", 1)
     assert jobs.status("gang")["phase"] == "Running"
     out = control_plane.kubectl("get", "ftj", "gang", "-n", jobs.ns).stdout
