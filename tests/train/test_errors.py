@@ -23,7 +23,7 @@ def expect(job: dict[str, Any], tmp_path: Path, reason: str, *fragments: str) ->
     for f in fragments:
         assert f in e.value.message, e.value.message
     assert e.value.exit_code == EXIT_USER_ERROR
-    assert not (tmp_path / "ckpt").exists(), "failed before any checkpoint"
+    assert not list((tmp_path / "ckpt").glob("ckpt-*")), "failed before any checkpoint"
     return e.value
 
 
