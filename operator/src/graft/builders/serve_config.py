@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from graft.api.common import quantity
-from graft.api.modelservice import Engine, ModelService
+from graft.api.modelservice import AdapterCanary, Engine, ModelService
 
 #: The one application of a ModelService's serve config; its key in RayService status
 #: ``activeServiceStatus.applicationStatuses``.
@@ -42,6 +42,19 @@ class ResolvedCanary:
     def version(self) -> str:
         """What replicas report the new version as (its URI stays out of their endpoints)."""
         return canary_version(self.uri)
+
+    @classmethod
+    def of(cls, uri: str, spec: AdapterCanary) -> ResolvedCanary:
+        """The canary ``spec`` describes, resolved to ``uri``."""
+        r = spec.rollback
+        return cls(
+            uri,
+            spec.weight,
+            window_seconds=r.window_seconds,
+            min_requests=r.min_requests,
+            max_error_rate_increase=r.max_error_rate_increase,
+            max_p99_latency_ratio=r.max_p99_latency_ratio,
+        )
 
     def user_config(self) -> dict[str, Any]:
         return {

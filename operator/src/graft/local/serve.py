@@ -160,15 +160,7 @@ def resolve_adapters(
                 if why is not None:
                     notes.append(why)
             if curi is not None:
-                r = c.rollback
-                canary = ResolvedCanary(
-                    curi,
-                    c.weight,
-                    window_seconds=r.window_seconds,
-                    min_requests=r.min_requests,
-                    max_error_rate_increase=r.max_error_rate_increase,
-                    max_p99_latency_ratio=r.max_p99_latency_ratio,
-                )
+                canary = ResolvedCanary.of(curi, c)
         out.append(ResolvedAdapter(a.name, uri, canary))
     return out
 
