@@ -511,31 +511,43 @@ def test_trainer_identity_writes_only_its_lease(
         assert e.value.status == 403
 
 
-def test_forged_output_uri_is_ignored_with_an_event(jobs: Jobs, nodes: NodeFactory) -> None:
+def test_forged_output_uri_is_ignored_with_one_event_per_forged_report(
+    jobs: Jobs, nodes: NodeFactory
+) -> None:
     nodes(a100=2)
     jobs.create(job("forge"))
     jobs.wait_scheduled("forge", 1, 2)
     jobs.run_all("forge", 1)
-    jobs.report(
-        "forge",
-        {
-            "step": 7,
-            "totalSteps": 10,
-            "lastCheckpoint": {"step": 5, "uri": "pvc://other-team/ckpt-s00-00000005"},
-            "output": {"uri": "s3://attacker/model", "kind": "adapter"},
-        },
-    )
-    wait_for("progress", lambda: (jobs.status("forge").get("progress") or {}).get("step") == 7)
+    forged = {
+        "lastCheckpoint": {"step": 5, "uri": "pvc://other-team/ckpt-s00-00000005"},
+        "output": {"uri": "s3://attacker/model", "kind": "adapter"},
+    }
+    # the same forged report renewed three times (three passes), then another one
+    for step in (7, 8, 9):
+        jobs.report("forge", {"step": step, "totalSteps": 10} | forged)
+        wait_for(
+            f"step {step}",
+            lambda s=step: (jobs.status("forge").get("progress") or {}).get("step") == s,
+        )
     st = jobs.status("forge")
     assert (
         "lastCheckpoint" not in st and (st.get("output") or {}).get("uri") != "s3://attacker/model"
     )
+    other = {"output": {"uri": "s3://attacker/other", "kind": "adapter"}}
+    jobs.report("forge", {"step": 10, "totalSteps": 10} | other)
 
-    def warned() -> bool:
-        events = jobs.core.list_namespaced_event(jobs.ns).items
-        return any(e.reason == "UntrustedReport" and "s3://attacker" in e.message for e in events)
+    def warnings() -> list[str]:
+        events = jobs.core.list_namespaced_event(
+            jobs.ns, field_selector="involvedObject.name=forge,reason=UntrustedReport"
+        ).items
+        return [e.message for e in events]
 
-    wait_for("Warning event", warned, timeout=10)
+    # Kopf posts Events in order, so once the second report's is there, every pass's
+    # Event about the first is too
+    wait_for("second report's Event", lambda: any("s3://attacker/other" in m for m in warnings()))
+    first = [m for m in warnings() if "s3://attacker/model" in m]
+    assert len(first) == 1 and "pvc://other-team" in first[0], warnings()
+    assert len(warnings()) == 2, warnings()
 
 
 def test_silent_running_gang_is_trainer_hung_and_resumes_from_checkpoint(

@@ -10,6 +10,7 @@ import pytest
 from kubernetes import client
 from test_modelservice_controller import KUBERAY, Api, msvc
 
+from graft.builders import rayservice as rs
 from graft.testing.cluster import wait_for
 from graft.testing.kuberay_pods import kuberay_pods
 from graft.testing.operator import OperatorProcess
@@ -108,3 +109,54 @@ def test_unbounded_quantity_is_refused_by_the_schema(sec_api: Api) -> None:
         sec_api.create("modelservices", body)
     assert exc.value.status == 422
     assert "spec.resources.memory" in str(exc.value.body)
+
+
+@pytest.mark.parametrize("name", ["llama.v2", "7b-chat"])
+def test_names_with_a_dot_or_a_leading_digit_render_valid_kuberay_names(
+    sec_api: Api, k8s: client.ApiClient, name: str
+) -> None:
+    """Every object KubeRay makes from the RayService (the RayCluster ``<rs>-<5 chars>``, its
+    head Service and the Serve Service, all named after the RayService) and every object the
+    operator makes passes the real apiserver's validation (dry run): Service names are
+    DNS-1035 labels, which ``llama.v2`` and ``7b-chat`` are not."""
+    api = sec_api
+    core, net = client.CoreV1Api(k8s), client.NetworkingV1Api(k8s)
+    rs_name = rs.rayservice_name_for(name)
+    assert rs_name != name
+    api.create("modelservices", msvc(name, []))
+    rsvc = wait_for("RayService", lambda: api.rayservice(rs_name))
+    assert rsvc["metadata"]["ownerReferences"][0]["name"] == name
+    assert rsvc["metadata"]["labels"]["graft.dev/modelservice"] == name
+    assert rsvc["spec"]["rayClusterConfig"]["authOptions"]["secretName"] == f"{rs_name}-ray-token"
+    wait_for(
+        "token Secret", lambda: _get(core.read_namespaced_secret, f"{rs_name}-ray-token", api.ns)
+    )
+    wait_for(
+        "NetworkPolicy", lambda: _get(net.read_namespaced_network_policy, f"{rs_name}-ray", api.ns)
+    )
+
+    cluster = f"{rs_name}-abcde"
+    api.custom.create_namespaced_custom_object(
+        "ray.io",
+        "v1",
+        api.ns,
+        "rayclusters",
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCluster",
+            "metadata": {"name": cluster},
+            "spec": rsvc["spec"]["rayClusterConfig"],
+        },
+        dry_run="All",
+    )
+    port = {"ports": [{"name": "serve", "port": 8000}], "selector": {"ray.io/cluster": cluster}}
+    for svc in (f"{cluster}-head-svc", f"{rs_name}-serve-svc"):
+        core.create_namespaced_service(
+            api.ns, {"metadata": {"name": svc}, "spec": port}, dry_run="All"
+        )
+    for role, pod_spec in kuberay_pods(_quantities_as_strings(rsvc)).items():
+        pod = {"metadata": {"name": f"{cluster}-{role}"}, "spec": pod_spec}
+        core.create_namespaced_pod(api.ns, pod, dry_run="All")
+    api.write_status_as_kuberay(rs_name, ready=True)
+    endpoint = wait_for("endpoint", lambda: api.msvc(name).get("status", {}).get("endpoint"))
+    assert endpoint == f"http://{rs_name}-serve-svc.{api.ns}.svc:8000/v1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,14 @@ def test_long_names_are_cut_with_hash() -> None:
     b = rayservice_name(MS(long + "x").obj())
     assert len(a) <= 47 and a != b
     assert endpoint(MS().obj()) == "http://chat-serve-svc.team-a.svc:8000/v1"
+
+
+@pytest.mark.parametrize("name", ["llama.v2", "7b-chat", "a." + "b" * 250, "m" * 60])
+def test_any_modelservice_name_gives_a_rayservice_name_kuberay_accepts(name: str) -> None:
+    """KubeRay's ValidateRayServiceMetadata: a DNS-1035 label of at most 47 characters."""
+    got = rayservice_name(MS(name).obj())
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", got) and len(got) <= 47, got
+    assert rayservice_name(MS(name.replace(".", "-")).obj()) != got or "." not in name
 
 
 @pytest.mark.parametrize(

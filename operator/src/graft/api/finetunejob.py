@@ -638,6 +638,13 @@ class FineTuneJobStatus(ApiModel):
         default_factory=list,
         description="Nodes where attempts failed; new attempts prefer other nodes.",
     )
+    untrusted_reports: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Digests of the trainer reports whose URIs were dropped (newest last, "
+        "at most 16): each distinct forged report gets one UntrustedReport Event, not one "
+        "per pass.",
+    )
     completed_attempts_gpu_hours: float = Field(
         default=0.0,
         ge=0,

@@ -73,23 +73,24 @@ def child_name(
     return fit(name, limit)
 
 
-def dns_label(name: str, *, letter_first: bool = False) -> str:
+def dns_label(name: str, *, letter_first: bool = False, limit: int = DNS_LABEL_MAX) -> str:
     """A DNS-1123 label (or, with ``letter_first``, a DNS-1035 label) for ``name``.
 
     A resource name is a DNS-1123 subdomain: it may hold dots, start with a digit and run
     to 253 characters; a Service name (DNS-1035), a pod hostname or a volume name may not.
     ``name`` is kept when it already fits; otherwise dots become dashes, a leading digit
     gets an ``x`` in front, and a hash of the whole original name is appended (cutting to
-    63 where needed), so ``a.b`` and ``a-b`` still get distinct names.
+    ``limit``, 63 unless a consumer wants less, where needed), so ``a.b`` and ``a-b`` still
+    get distinct names.
     """
     valid = is_dns_label(name) and (not letter_first or name[:1].isalpha())
     if valid:
-        return name
+        return fit(name, limit)
     clean = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "x"
     if letter_first and not clean[0].isalpha():
         clean = "x" + clean
     suffix = "-" + short_hash(name)
-    return clean[: DNS_LABEL_MAX - len(suffix)].rstrip("-") + suffix
+    return clean[: limit - len(suffix)].rstrip("-") + suffix
 
 
 def label_value(value: str) -> str:

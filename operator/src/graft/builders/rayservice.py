@@ -84,8 +84,16 @@ ANNOTATION_NETWORK_HASH = "graft.dev/network-hash"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
+def rayservice_name_for(name: str) -> str:
+    """The RayService of the ModelService ``name``. KubeRay refuses a RayService whose name
+    is not a DNS-1035 label of at most 47 characters (it names Services after it), while a
+    ModelService may be named ``llama.v2`` or ``7b-chat``: those get a rewritten name
+    (``naming.dns_label``); a valid name is kept."""
+    return naming.dns_label(name, letter_first=True, limit=RAYSERVICE_NAME_MAX)
+
+
 def rayservice_name(msvc: ModelService) -> str:
-    return naming.fit(str(msvc.metadata["name"]), RAYSERVICE_NAME_MAX)
+    return rayservice_name_for(str(msvc.metadata["name"]))
 
 
 def ray_token_secret_name(msvc: ModelService) -> str:

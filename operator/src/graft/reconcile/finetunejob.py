@@ -44,7 +44,7 @@ from graft.gate import verdict
 from graft.kube import Kube
 from graft.placement import PlacementError, place
 from graft.reconcile.common import Coalescer, status_patch
-from graft.reconcile.trainer_report import hung_for, read_report
+from graft.reconcile.trainer_report import hung_for, read_report, remember_rejection
 from graft.status import (
     ConditionType,
     Failure,
@@ -544,7 +544,10 @@ def _roll_up_progress(d: Draft) -> None:
     report = read_report(d.world.lease, d.spec, st.attempt)
     if report is None:
         return
-    for why in report.rejected:
+    seen = remember_rejection(st.untrusted_reports, report)
+    if seen is not None:
+        st.untrusted_reports = seen
+        why = "; ".join(report.rejected)
         d.event("Warning", "UntrustedReport", f"ignored from the trainer's report: {why}")
     upd = report.update
     if upd.progress is not None:

@@ -580,7 +580,7 @@ class ModelServiceReconciler:
         if live is None or not watches_canaries(body):
             return []
         meta = body.get("metadata") or {}
-        svc = f"{naming.fit(str(meta.get('name')), rs.RAYSERVICE_NAME_MAX)}-serve-svc"
+        svc = f"{rs.rayservice_name_for(str(meta.get('name')))}-serve-svc"
         base = f"http://{svc}.{meta.get('namespace')}.svc:{SERVE_PORT}"
         return await self.serve.reports(base, samples=CANARY_REPORT_SAMPLES)
 
@@ -607,7 +607,7 @@ class ModelServiceReconciler:
             job = a.get("fromFineTuneJob")
             if job and job not in jobs:
                 jobs[job] = await self.kube.get_custom(API_VERSION, "FineTuneJob", namespace, job)
-        rs_name = naming.fit(name, rs.RAYSERVICE_NAME_MAX)
+        rs_name = rs.rayservice_name_for(name)
         live = await self.kube.get_custom(RAY_API_VERSION, "RayService", namespace, rs_name)
         reports = await self._canary_reports(body, live)
         now = dt.datetime.now(dt.UTC)

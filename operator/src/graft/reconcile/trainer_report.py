@@ -15,8 +15,11 @@ from typing import Any
 
 from graft.api.finetunejob import FineTuneJobSpec
 from graft.builders.finetunejob import checkpoint_uri
-from graft.builders.naming import ANNOTATION_PROGRESS
+from graft.builders.naming import ANNOTATION_PROGRESS, short_hash
 from graft.status import ProgressUpdate, parse_time, progress_from_annotation
+
+#: How many forged reports ``status.untrustedReports`` remembers.
+UNTRUSTED_REPORTS_KEPT = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +27,18 @@ class Report:
     update: ProgressUpdate
     #: Human-readable reasons for each URI that was dropped.
     rejected: tuple[str, ...] = ()
+
+
+def remember_rejection(seen: list[str], report: Report) -> list[str] | None:
+    """``seen`` with this report's rejection added, or None when there is nothing new to
+    warn about: the trainer renews its Lease every few seconds and each renewal wakes the
+    operator, so a forged report would otherwise post an Event per pass."""
+    if not report.rejected:
+        return None
+    digest = short_hash("\n".join(report.rejected), 16)
+    if digest in seen:
+        return None
+    return [*seen, digest][-UNTRUSTED_REPORTS_KEPT:]
 
 
 def under(uri: str, root: str) -> bool:
