@@ -129,9 +129,10 @@ def _cluster_wide(docs: Docs) -> None:
     assert grants(rules, "events.k8s.io", "events") == {"create"}
     assert grants(rules, "ray.io", "rayservices") == {"get", "list", "watch", "create", "patch"}
     assert not grants(rules, "ray.io", "rayservices/status")
-    # Least privilege: Secrets only created (each ModelService's Ray token), never read;
+    # Least privilege: Secrets created (each ModelService's Ray token) and read one by
+    # name (the API-key Secret a ModelService names), never listed or watched;
     # no wildcards, no kueue.
-    assert grants(rules, "", "secrets") == {"create"}
+    assert grants(rules, "", "secrets") == {"get", "create"}
     assert grants(rules, "networking.k8s.io", "networkpolicies") == {"create", "patch"}
     for r in rules:
         assert "*" not in r["verbs"] + r["resources"] + r["apiGroups"], r

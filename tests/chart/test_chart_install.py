@@ -64,7 +64,7 @@ def test_install_cluster_wide_then_uninstall_keeps_crds(
     ]
     assert ray_rules and "create" in ray_rules[0]["verbs"]
     assert can(cp, sa, "watch", "nodes")
-    assert not can(cp, sa, "get", "secrets")
+    assert not can(cp, sa, "list", "secrets") and not can(cp, sa, "watch", "secrets")
     uninstall(cp.kubeconfig, release="graft", namespace="graft-system")
     assert established(cp, "finetunejobs.graft.dev"), "crds.keep=true must keep the CRDs"
 

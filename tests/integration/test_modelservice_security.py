@@ -53,6 +53,9 @@ def test_serving_cluster_is_closed(sec_api: Api, k8s: client.ApiClient) -> None:
         "auth": {"apiKeySecretRef": {"name": "chat-keys", "key": "keys"}},
         "network": {"allowFromNamespaces": ["web"]},
     }
+    core.create_namespaced_secret(
+        api.ns, {"metadata": {"name": "chat-keys"}, "stringData": {"keys": "k-1\n"}}
+    )
     api.create("modelservices", msvc("sec", [], **spec))
     rsvc = wait_for("RayService", lambda: api.rayservice("sec"))
     owner = api.msvc("sec")["metadata"]["uid"]
@@ -160,3 +163,39 @@ def test_names_with_a_dot_or_a_leading_digit_render_valid_kuberay_names(
     api.write_status_as_kuberay(rs_name, ready=True)
     endpoint = wait_for("endpoint", lambda: api.msvc(name).get("status", {}).get("endpoint"))
     assert endpoint == f"http://{rs_name}-serve-svc.{api.ns}.svc:8000/v1"
+
+
+def test_missing_api_key_secret_is_a_condition_and_the_service_deploys_once_it_appears(
+    sec_api: Api, k8s: client.ApiClient
+) -> None:
+    api, core = sec_api, client.CoreV1Api(k8s)
+    spec = {"auth": {"apiKeySecretRef": {"name": "team-keys", "key": "keys"}}}
+    api.create("modelservices", msvc("keyless", [], **spec))
+
+    def auth(reason: str) -> Any:
+        c = api.cond("keyless", "AuthReady")
+        return c if c and c["reason"] == reason else None
+
+    c = wait_for("AuthReady=False", lambda: auth("ApiKeySecretNotFound"))
+    assert c["status"] == "False" and "create secret generic team-keys" in c["message"]
+    ready = api.cond("keyless", "Ready")
+    assert ready is not None and ready["reason"] == "ApiKeySecretNotFound"
+    assert api.rayservice("keyless") is None
+
+    def warned(reason: str) -> list[Any]:
+        sel = f"involvedObject.name=keyless,reason={reason}"
+        return list(core.list_namespaced_event(api.ns, field_selector=sel).items)
+
+    assert len(wait_for("Warning Event", lambda: warned("ApiKeySecretNotFound"))) == 1
+
+    # the Secret appears without the key, then gets it: no spec change, the operator notices
+    core.create_namespaced_secret(
+        api.ns, {"metadata": {"name": "team-keys"}, "stringData": {"other": "x"}}
+    )
+    c = wait_for("key missing", lambda: auth("ApiKeyNotInSecret"), timeout=30)
+    assert "has no key 'keys' (it has: other)" in c["message"]
+    core.patch_namespaced_secret("team-keys", api.ns, {"stringData": {"keys": "k-1\n"}})
+    wait_for("RayService", lambda: api.rayservice("keyless"), timeout=30)
+    c = api.cond("keyless", "AuthReady")
+    assert c is not None and c["status"] == "True"
+    assert len(warned("ApiKeySecretNotFound")) == 1 and len(warned("ApiKeyNotInSecret")) == 1

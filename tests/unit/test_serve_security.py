@@ -261,3 +261,29 @@ def test_render_is_unchanged_by_network_spec() -> None:
     a = render(MS().obj())
     b = render(MS().set("network.allowFromNamespaces", ["web"]).obj())
     assert a == b
+
+
+def test_missing_api_key_secret_or_key_is_a_condition_until_it_appears() -> None:
+    spec = copy.deepcopy(AUTHED.body["spec"])
+    body = _body(spec)
+    assert ms.secret_names(body) == ["chat-keys"]
+    steps: list[tuple[dict[str, frozenset[str] | None], str]] = [
+        ({"chat-keys": None}, "ApiKeySecretNotFound"),
+        ({"chat-keys": frozenset({"other"})}, "ApiKeyNotInSecret"),
+    ]
+    for secrets, reason in steps:
+        plan = ms.decide(body, {}, None, SETTINGS, NOW, secrets=secrets)
+        auth, ready = _cond(plan, "AuthReady"), _cond(plan, "Ready")
+        assert (auth.status, auth.reason) == ("False", reason)
+        assert (ready.status, ready.reason) == ("False", reason)
+        assert "chat-keys" in auth.message and "keys.txt" in auth.message
+        assert plan.rayservice is None and [e[:2] for e in plan.events] == [("Warning", reason)]
+        body["status"] = plan.status.model_dump(by_alias=True, exclude_none=True, mode="json")
+        assert ms.waits_for_secret(body)
+        # the next pass with the same problem posts no second Event
+        again = ms.decide(body, {}, None, SETTINGS, NOW, secrets=secrets)
+        assert again.events == []
+    ok = ms.decide(body, {}, None, SETTINGS, NOW, secrets={"chat-keys": frozenset({"keys.txt"})})
+    assert _cond(ok, "AuthReady").status == "True" and ok.rayservice is not None
+    body["status"] = ok.status.model_dump(by_alias=True, exclude_none=True, mode="json")
+    assert not ms.waits_for_secret(body)

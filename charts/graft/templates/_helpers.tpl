@@ -112,10 +112,11 @@ cluster-wide mode and by the Role in single-namespace mode.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]
-# each ModelService's Ray token (created once, never read back) and NetworkPolicy
+# each ModelService's Ray token (created once, never read back) and NetworkPolicy; get:
+# the API-key Secret a ModelService names, to say on it when the Secret or key is missing
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create"]
+  verbs: ["get", "create"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "patch"]

@@ -131,7 +131,7 @@ class Kube:
 
     async def create_secret(self, secret: dict[str, Any]) -> bool:
         """Create a Secret the operator generates; False when it exists already (its
-        content is kept: the operator never reads Secrets back)."""
+        content is kept: the operator never reads its own Secrets back)."""
         ns, name = secret["metadata"]["namespace"], secret["metadata"]["name"]
         try:
             await self.core.create_namespaced_secret(ns, secret)  # type: ignore[arg-type]
@@ -140,6 +140,18 @@ class Kube:
             if e.status == 409:
                 return False
             raise api_error(e, f"create Secret {ns}/{name}") from e
+
+    async def secret_keys(self, namespace: str, name: str) -> frozenset[str] | None:
+        """The keys of a Secret a spec names (None when it does not exist), to say so on
+        the resource instead of leaving pods stuck mounting it. The values are dropped
+        here, never returned, logged or stored."""
+        try:
+            secret = await self.core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise api_error(e, f"read Secret {namespace}/{name}") from e
+        return frozenset(secret.data or {})
 
     async def create_pod(self, pod: dict[str, Any]) -> bool:
         """Create a pod; False when one of that name already exists (no duplicates)."""

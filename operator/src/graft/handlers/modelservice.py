@@ -9,11 +9,19 @@ import kopf
 from graft.api.common import GROUP, VERSION
 from graft.api.modelservice import PLURAL
 from graft.builders.rayservice import LABEL_MODELSERVICE
-from graft.reconcile.modelservice import ModelServiceReconciler, watches_canaries
+from graft.reconcile.modelservice import (
+    ModelServiceReconciler,
+    waits_for_secret,
+    watches_canaries,
+)
 
 #: How often a service with a progressing canary asks its replicas whether they rolled it
 #: back (replicas stop sending it traffic on their own at once; this makes it stick).
 CANARY_POLL_SECONDS = 15.0
+#: How often a service waiting for its API-key Secret looks again: the operator does not
+#: watch Secrets (that would mean reading every Secret it may see), it reads only the one
+#: a spec names.
+SECRET_POLL_SECONDS = 10.0
 
 
 def _rec(memo: Any) -> ModelServiceReconciler:
@@ -52,6 +60,15 @@ def _has_canary(status: kopf.Status, **_: Any) -> bool:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=CANARY_POLL_SECONDS, when=_has_canary)
 async def canary_watch(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    await _rec(memo).reconcile(str(namespace), name)
+
+
+def _waits_for_secret(status: kopf.Status, **_: Any) -> bool:
+    return waits_for_secret({"status": dict(status)})
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SECRET_POLL_SECONDS, when=_waits_for_secret)
+async def secret_watch(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
     await _rec(memo).reconcile(str(namespace), name)
 
 

@@ -44,6 +44,8 @@ from graft.validation import InvalidSpec, parse_spec
 
 log = logging.getLogger(__name__)
 RAY_API_VERSION = "ray.io/v1"
+#: Condition on a ModelService with spec.auth.apiKeySecretRef: whether its Secret and key exist.
+AUTH_READY = "AuthReady"
 
 
 @dataclasses.dataclass
@@ -350,6 +352,42 @@ def _serve_adapters(rayservice: Mapping[str, Any]) -> list[str]:
     return names
 
 
+def secret_names(body: Mapping[str, Any]) -> list[str]:
+    """The Secrets a pass must look at: the one ``spec.auth.apiKeySecretRef`` names."""
+    ref = ((body.get("spec") or {}).get("auth") or {}).get("apiKeySecretRef") or {}
+    name = ref.get("name") if isinstance(ref, dict) else None
+    return [name] if isinstance(name, str) and name else []
+
+
+def auth_problem(
+    spec: ModelServiceSpec, namespace: str, secrets: Mapping[str, frozenset[str] | None]
+) -> tuple[str, str] | None:
+    """(reason, message saying what to do) when the API-key Secret or its key is missing:
+    the serving pods would wait for ever to mount it, with nothing on the ModelService."""
+    ref = spec.auth.api_key_secret_ref
+    if ref is None:
+        return None
+    keys = secrets.get(ref.name)
+    if keys is None:
+        return (
+            "ApiKeySecretNotFound",
+            f"spec.auth.apiKeySecretRef: Secret {ref.name!r} not found in namespace "
+            f"{namespace}. Create it with the API keys, one per line, under key {ref.key!r} "
+            f"(kubectl -n {namespace} create secret generic {ref.name} "
+            f"--from-file={ref.key}=keys.txt); the service is deployed once it exists",
+        )
+    if ref.key not in keys:
+        has = ", ".join(sorted(keys)[:20]) or "no keys"
+        return (
+            "ApiKeyNotInSecret",
+            f"spec.auth.apiKeySecretRef: Secret {ref.name!r} has no key {ref.key!r} (it has: "
+            f"{has}). Add the API keys, one per line, under {ref.key!r}, or set "
+            "spec.auth.apiKeySecretRef.key to the key that holds them; the service is "
+            "deployed once it is there",
+        )
+    return None
+
+
 def decide(
     body: Mapping[str, Any],
     jobs: Mapping[str, dict[str, Any] | None],
@@ -357,9 +395,11 @@ def decide(
     settings: Settings,
     now: dt.datetime,
     reports: Sequence[Mapping[str, Any]] = (),
+    secrets: Mapping[str, frozenset[str] | None] | None = None,
 ) -> Plan:
     """The RayService to apply and the new status; ``reports`` are what replicas said
-    about their canaries (``/readyz``), trusted only to roll a canary back."""
+    about their canaries (``/readyz``), trusted only to roll a canary back; ``secrets``
+    the keys of each Secret in ``secret_names`` (None: it does not exist)."""
     meta = dict(body.get("metadata") or {})
     gen = meta.get("generation")
     raw = {k: v for k, v in (body.get("status") or {}).items() if k != "graft"}
@@ -429,11 +469,23 @@ def decide(
             now,
         )
 
+    held = auth_problem(spec, str(meta.get("namespace", "default")), secrets or {})
+    if held is not None:
+        reason, msg = held
+        if not was(AUTH_READY, reason):
+            plan.events.append(("Warning", reason, msg))
+        conds = _cond(conds, AUTH_READY, False, reason, msg, gen, now)
+    elif spec.auth.api_key_secret_ref is not None:
+        conds = _cond(conds, AUTH_READY, True, "ApiKeysFound", "API-key Secret found", gen, now)
+    else:
+        conds = [c for c in conds if c.type != AUTH_READY]
+
     desired = rs.build_rayservice(msvc, ready, settings, pool=pool)
     policy = rs.build_network_policy(msvc, settings)
     # The policy's hash rides on the RayService, so a change of spec.network alone is seen.
     desired["metadata"]["annotations"][rs.ANNOTATION_NETWORK_HASH] = naming.spec_hash(policy)
-    if live is None or _differs(live, desired):
+    # Without its API-key Secret a new or changed cluster's pods could not start: wait.
+    if held is None and (live is None or _differs(live, desired)):
         plan.rayservice, plan.network_policy, plan.msvc = desired, policy, msvc
         if live is not None:
             same_cluster = _hash(live) == _hash(desired)
@@ -477,6 +529,8 @@ def decide(
         if not any(c.type == "Ready" and c.status == "True" for c in conds):
             plan.events.append(("Normal", "Ready", f"serving at {st.endpoint}"))
         conds = _cond(conds, "Ready", True, "ServeRunning", f"serving at {st.endpoint}", gen, now)
+    elif live is None and held is not None:
+        conds = _cond(conds, "Ready", False, held[0], held[1], gen, now)
     else:
         why = (
             app.get("message")
@@ -504,6 +558,15 @@ def decide(
     else:
         phase = ModelServicePhase.DEPLOYING if live is not None else ModelServicePhase.PENDING
     return finish(phase)
+
+
+def waits_for_secret(body: Mapping[str, Any]) -> bool:
+    """Whether the service waits for its API-key Secret (or the key in it) to appear."""
+    return any(
+        c.get("type") == AUTH_READY and c.get("status") == "False"
+        for c in (body.get("status") or {}).get("conditions") or []
+        if isinstance(c, dict)
+    )
 
 
 def watches_canaries(body: Mapping[str, Any]) -> bool:
@@ -610,9 +673,10 @@ class ModelServiceReconciler:
         rs_name = rs.rayservice_name_for(name)
         live = await self.kube.get_custom(RAY_API_VERSION, "RayService", namespace, rs_name)
         reports = await self._canary_reports(body, live)
+        secrets = {s: await self.kube.secret_keys(namespace, s) for s in secret_names(body)}
         now = dt.datetime.now(dt.UTC)
         try:
-            plan = decide(body, jobs, live, self.settings, now, reports)
+            plan = decide(body, jobs, live, self.settings, now, reports, secrets)
         except Exception as e:
             # A bug must not become a retry loop with an empty status: say so on the object.
             log.exception("ModelService %s/%s: decide failed", namespace, name)
