@@ -42,7 +42,7 @@ from graft.api.finetunejob import DataPrep, Dataset, Scheduler, StageType
 from graft.runtime.train import run_training
 from graft.runtime.train.checkpoint import CheckpointStore, checkpoint_name
 from graft.runtime.train.config import resolve
-from graft.runtime.train.loop import Order, make_scheduler
+from graft.runtime.train.loop import Order, make_scheduler, micro_batches
 from graft.runtime.train.model import load_tokenizer
 from graft.runtime.train.prepare import prepare_stage
 from graft.testing.corpus import domain_documents, write_text
@@ -282,9 +282,12 @@ def run_hf_real(
     class MicroBatches(torch.utils.data.IterableDataset[dict[str, torch.Tensor]]):
         def __iter__(self) -> Any:
             for step in range(a.steps):
-                idx = order.step_indices(step)
-                for m in range(a.accum):
-                    yield data.batch(idx[m * a.micro_batch : (m + 1) * a.micro_batch])
+                # Our very micro-batches (length-sorted, left-padded, position_ids), without
+                # logits_to_keep/shift_labels: HF Trainer projects every position.
+                for b in micro_batches(data, order.step_indices(step), a.micro_batch, select=True):
+                    yield {
+                        k: v for k, v in b.items() if k not in ("logits_to_keep", "shift_labels")
+                    }
 
     marks: list[float] = []
 

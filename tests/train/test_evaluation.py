@@ -196,3 +196,53 @@ def test_sft_loss_on_answer_positions_equals_the_full_loss(assets: dict[str, Pat
     assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     for g0, g1 in zip(*grads, strict=True):
         assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6)
+
+
+def test_left_padded_length_sorted_micro_batches_keep_the_step_gradient(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """The loop's SFT micro-batches (sorted, left-padded, logits only where loss is) give the
+    step the same loss and gradients as plain right-padded batches in the given order."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from graft.api.finetunejob import DataPrep, Dataset, StageType
+    from graft.runtime.train.config import resolve
+    from graft.runtime.train.loop import micro_batches
+    from graft.runtime.train.model import load_tokenizer
+    from graft.runtime.train.prepare import prepare_stage
+
+    data = prepare_stage(
+        loc=resolve(f"file://{assets['alpaca']}", Path("/")),
+        dataset=Dataset(uri="file:///x", format="alpaca"),
+        prep=DataPrep(eval_fraction=0.0, near_dedup={"enabled": False}),
+        stage_type=StageType.SFT,
+        seq_len=64,
+        tokenizer=load_tokenizer(assets["base"]),
+        cache_dir=tmp_path / "cache",
+    ).train
+    step = list(range(8))
+    assert len({data.length(i) for i in step}) > 2  # rows of different lengths
+    torch.manual_seed(0)
+    base: Any = AutoModelForCausalLM.from_pretrained(str(assets["base"]))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    denom = data.loss_tokens(step)
+    plain = [data.batch(step[:4]), data.batch(step[4:])]
+    ours = micro_batches(data, step, 4, select=True)
+    lengths = [data.length(i) for i in step]
+    assert [int(n) for b in ours for n in b["attention_mask"].sum(1)] == sorted(lengths)
+    assert (ours[0]["attention_mask"][:, -1] == 1).all()  # left-padded: every row ends last
+    assert sum(len(b["logits_to_keep"]) for b in ours) < sum(b["input_ids"].shape[1] for b in plain)
+    losses, grads = [], []
+    for batches in (plain, ours):
+        model.zero_grad()
+        total = torch.zeros(())
+        for b in batches:
+            loss = model(**b, num_items_in_batch=denom, use_cache=False).loss
+            loss.backward()
+            total += loss.detach()
+        losses.append(total)
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for g0, g1 in zip(*grads, strict=True):
+        assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-6)

@@ -82,11 +82,33 @@ def loss_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     its cross-entropy cost about as much as a third of the model. ``logits_to_keep`` keeps
     the positions whose next token carries loss in any row of the batch, and ``shift_labels``
     are those next tokens, so the loss (a sum over the same tokens, divided by the same
-    count) is unchanged.
+    count) is unchanged. Left-padded rows (``micro_batches``) end their answers together,
+    so that union is about as wide as the longest answer.
     """
     shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     keep = (shifted != IGNORE_INDEX).any(0).nonzero().squeeze(1)
     return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
+
+
+def micro_batches(
+    data: PreparedData, indices: list[int], micro_batch: int, *, select: bool
+) -> list[dict[str, torch.Tensor]]:
+    """One rank's share of a step, as the micro-batches its forward passes take.
+
+    ``select`` (SFT on a model that takes ``logits_to_keep``): sequences of like length go
+    together, left-padded, with ``loss_positions``. The step's gradient is a sum over all its
+    sequences whatever the split, so sorting changes no math; it wastes the least padding,
+    and with every answer ending at the last column few columns carry loss.
+    """
+    if select:
+        indices = sorted(indices, key=data.length)
+    out = []
+    for m in range(0, len(indices), micro_batch):
+        batch = data.batch(indices[m : m + micro_batch], left_pad=select)
+        if select:
+            batch.update(loss_positions(batch["labels"]))
+        out.append(batch)
+    return out
 
 
 @dataclass(frozen=True)
@@ -191,13 +213,9 @@ def train_steps(
     t0 = time.perf_counter()
     for step in range(start, end):
         idx = spec.order.step_indices(step)
-        mine = idx[rank::world]
         denom = spec.data.loss_tokens(idx) / world
         total = torch.zeros((), device=device)
-        for m in range(accum):
-            batch = spec.data.batch(mine[m * mb : (m + 1) * mb])
-            if select:
-                batch.update(loss_positions(batch["labels"]))
+        for m, batch in enumerate(micro_batches(spec.data, idx[rank::world], mb, select=select)):
             b = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
             last = m == accum - 1
             with contextlib.nullcontext() if last else _no_sync(model), amp:

@@ -146,8 +146,20 @@ class PreparedData:
         assert self.offsets is not None
         return sum(int(self.offsets[i + 1] - self.offsets[i]) for i in indices)
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask and labels (-100 where no loss) for these sequences."""
+    def length(self, i: int) -> int:
+        """Tokens of sequence ``i`` (the sequence length for packed data)."""
+        if self.kind == "packed":
+            return self.seq_len
+        assert self.offsets is not None
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def batch(self, indices: Sequence[int], *, left_pad: bool = False) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and labels (-100 where no loss) for these sequences.
+
+        ``left_pad`` (SFT only) pads on the left and adds ``position_ids``, so that every
+        row's answer ends at the last column: the columns that carry loss in some row are
+        then few (see ``loop.loss_positions``), and the math is that of right padding.
+        """
         if self.kind == "packed":
             L = self.seq_len
             rows = np.stack([np.asarray(self.tokens[i * L : (i + 1) * L]) for i in indices])
@@ -159,17 +171,23 @@ class PreparedData:
         ids = np.full((len(spans), width), self.pad_id, dtype=np.int64)
         att = np.zeros((len(spans), width), dtype=np.int64)
         lab = np.full((len(spans), width), IGNORE_INDEX, dtype=np.int64)
+        pos = np.zeros((len(spans), width), dtype=np.int64)
         for row, (a, b) in enumerate(spans):
             n = b - a
+            cols = slice(width - n, width) if left_pad else slice(0, n)
             toks = np.asarray(self.tokens[a:b], dtype=np.int64)
-            ids[row, :n] = toks
-            att[row, :n] = 1
-            lab[row, :n] = np.where(np.asarray(self.mask[a:b]) > 0, toks, IGNORE_INDEX)
-        return {
+            ids[row, cols] = toks
+            att[row, cols] = 1
+            lab[row, cols] = np.where(np.asarray(self.mask[a:b]) > 0, toks, IGNORE_INDEX)
+            pos[row, cols] = np.arange(n)
+        out = {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(att),
             "labels": torch.from_numpy(lab),
         }
+        if left_pad:
+            out["position_ids"] = torch.from_numpy(pos)
+        return out
 
 
 class ShardWriter:
