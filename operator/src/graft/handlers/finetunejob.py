@@ -6,7 +6,6 @@ vanished) runs the same level-triggered pass of ``graft.reconcile.finetunejob``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import kopf
@@ -131,36 +130,13 @@ async def trainer_pod_changed(
     job = _owner_job(body)
     if not job:
         return
-    # Most Pod updates (scheduler conditions, IPs) change nothing a pass reads: skip them.
-    digests: dict[str, int] = memo.pod_digests
-    uid = str(body.metadata.uid)
-    if kwargs.get("type") == "DELETED":
-        digests.pop(uid, None)
-    else:
-        digest = _digest(body)
-        if digests.get(uid) == digest:
-            return
-        digests[uid] = digest
-    await _reconciler(memo, kwargs).reconcile_or_retry(str(namespace), job)
-
-
-def _digest(body: kopf.Body) -> int:
-    """What a pass reads from a Pod: phase and reasons, node, deletion, container states,
-    the progress annotation."""
-    status = body.status
-    containers = json.dumps(
-        [cs.get("state") for cs in status.get("containerStatuses") or []], sort_keys=True
-    )
-    return hash(
-        (
-            status.get("phase"),
-            status.get("reason"),
-            body.spec.get("nodeName"),
-            body.metadata.get("deletionTimestamp"),
-            body.metadata.annotations.get(ANNOTATION_PROGRESS),
-            containers,
-        )
-    )
+    rec = _reconciler(memo, kwargs)
+    # Most Pod updates (scheduler conditions, IPs) change nothing a pass reads, and the
+    # ADDED event of a Pod a pass just created shows what that pass already planned for.
+    deleted = kwargs.get("type") == "DELETED"
+    if rec.pod_seen(str(namespace), str(body.metadata.name), None if deleted else body):
+        return
+    await rec.reconcile_or_retry(str(namespace), job)
 
 
 @kopf.on.event("nodes")

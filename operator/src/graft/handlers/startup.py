@@ -46,7 +46,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.kube = await Kube.connect()
     memo.finetunejobs = FineTuneJobReconciler(memo.kube, memo.config)
     memo.node_readiness = {}
-    memo.pod_digests = {}
     memo.lease_reports = {}
     memo.modelservices = ModelServiceReconciler(memo.kube, memo.config)
     pools = [p.name for p in memo.config.node_pools]

@@ -6,14 +6,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from graft.api.common import ApiModel
+from graft.kube import omit_empty_strings
 
 
 def status_patch(old: Mapping[str, Any], new: ApiModel) -> dict[str, Any]:
     """Merge patch from the live status to ``new``: changed keys, None for keys to delete.
 
-    ``status.graft`` (Kopf's bookkeeping) is never touched.
+    ``status.graft`` (Kopf's bookkeeping) is never touched. ``new`` is compared in the
+    shape it is written in (``Kube.patch_status`` drops empty strings inside list items, so
+    the live copy of a condition whose message is "" has no message): comparing before that
+    made every such condition look changed, and every pass wrote status again.
     """
-    want = new.wire()
+    want = omit_empty_strings(new.wire())
     patch: dict[str, Any] = {k: v for k, v in want.items() if old.get(k) != v}
     for k in old:
         if k not in want and k != "graft":

@@ -130,6 +130,25 @@ def _deletion(
     return name, None
 
 
+def pod_digest(pod: Mapping[str, Any]) -> int:
+    """What a pass reads from a Pod: phase and reason, node, deletion, container states,
+    the progress annotation."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    containers = json.dumps(
+        [cs.get("state") for cs in status.get("containerStatuses") or []], sort_keys=True
+    )
+    return hash(
+        (
+            status.get("phase"),
+            status.get("reason"),
+            (pod.get("spec") or {}).get("nodeName"),
+            meta.get("deletionTimestamp"),
+            (meta.get("annotations") or {}).get(naming.ANNOTATION_PROGRESS),
+            containers,
+        )
+    )
+
+
 def _deleting(pod: Mapping[str, Any]) -> bool:
     return bool(pod["metadata"].get("deletionTimestamp"))
 
@@ -745,11 +764,26 @@ class FineTuneJobReconciler:
         self.pods_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
         self.nodes_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
         self.leases_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
+        #: (namespace, Pod name) -> ``pod_digest`` of the Pod's state a pass last saw
+        self._pod_digests: dict[tuple[str, str], int] = {}
 
     def use_indexes(
         self, pods: Mapping[Any, Any], nodes: Mapping[Any, Any], leases: Mapping[Any, Any]
     ) -> None:
         self.pods_index, self.nodes_index, self.leases_index = pods, nodes, leases
+
+    def pod_seen(self, namespace: str, name: str, pod: Mapping[str, Any] | None) -> bool:
+        """True when a pass has already seen this state of the Pod (None: it was deleted),
+        so its event needs no pass; remembers the state otherwise."""
+        key = (namespace, name)
+        if pod is None:
+            self._pod_digests.pop(key, None)
+            return False
+        digest = pod_digest(pod)
+        if self._pod_digests.get(key) == digest:
+            return True
+        self._pod_digests[key] = digest
+        return False
 
     def _nodes(self) -> dict[str, Mapping[str, Any]]:
         out: dict[str, Mapping[str, Any]] = {}
@@ -844,7 +878,17 @@ class FineTuneJobReconciler:
             await self.kube.apply(obj)
         for pod in plan.create_pods:
             kopf.append_owner_reference(pod, owner=owner)
-            await self.kube.create_pod(pod)
+            # A new Pod's ADDED event shows phase Pending and nothing else a pass reads: what
+            # this pass planned for, so that event needs no second pass. Noted before the
+            # create, since the watch may deliver the event before the create returns.
+            key = (ns, str(pod["metadata"]["name"]))
+            self.pod_seen(*key, {**pod, "status": {"phase": "Pending"}})
+            created = False
+            try:
+                created = await self.kube.create_pod(pod)
+            finally:
+                if not created:  # someone else's Pod, or none: its events are news
+                    self._pod_digests.pop(key, None)
         patch = status_patch(dict(body.get("status") or {}), plan.status)
         if patch:
             await self.kube.patch_status(API_VERSION, KIND, ns, body["metadata"]["name"], patch)
