@@ -192,12 +192,12 @@ class Kube:
         the resource instead of leaving pods stuck mounting it. The values are dropped
         here, never returned, logged or stored."""
         try:
-            secret = await self.core.read_namespaced_secret(name, namespace)
+            secret = await _json(self.core.read_namespaced_secret(name, namespace, **RAW))
         except ApiException as e:
             if e.status == 404:
                 return None
             raise api_error(e, f"read Secret {namespace}/{name}") from e
-        return frozenset(secret.data or {})
+        return frozenset(secret.get("data") or {})
 
     async def create_pod(self, pod: dict[str, Any]) -> bool:
         """Create a pod; False when one of that name already exists (no duplicates)."""
