@@ -290,6 +290,18 @@ def test_status_patch_deletes_cleared_fields() -> None:
     assert patch["restartAt"] is None and "graft" not in patch and "attempt" not in patch
 
 
+def test_pods_of_an_attempt_whose_status_write_was_lost_are_kept() -> None:
+    """The operator was killed after creating attempt 1's Pods and before writing status:
+    the next pass records attempt 1 again and keeps those Pods (creates get 409)."""
+    first = run(job(), [], NODES2)
+    pods = [{**p, "status": {"phase": "Pending"}} for p in first.create_pods]
+    again = run(job(), pods, NODES2)
+    assert again.status.attempt == 1 and not again.delete_pods
+    assert [p["metadata"]["name"] for p in again.create_pods] == [
+        p["metadata"]["name"] for p in pods
+    ]
+
+
 def test_status_patch_of_a_written_status_is_empty() -> None:
     """What the apiserver keeps of a pass's status write (no empty messages inside
     conditions) compares equal to the same status: the next pass writes nothing."""

@@ -104,6 +104,11 @@ def _attempt_of(pod: Mapping[str, Any]) -> int | None:
         return None
 
 
+def _older_attempt(pod: Mapping[str, Any], attempt: int) -> bool:
+    n = _attempt_of(pod)
+    return n is None or n < attempt
+
+
 def _node_lost(pod: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any]]) -> bool:
     node = (pod.get("spec") or {}).get("nodeName")
     if not node:
@@ -331,7 +336,10 @@ def admit(d: Draft) -> Draft:
     d.typed = FineTuneJob(metadata=body.get("metadata", {}), spec=spec)
     pods = d.world.pods
     d.attempt_pods = [p for p in pods if _attempt_of(p) == st.attempt]
-    stale = [p for p in pods if _attempt_of(p) != st.attempt and not _deleting(p)]
+    # Pods of an older attempt go. Pods of a *later* attempt than status records were made by
+    # a pass that stopped (operator killed) before its status write: they belong to the
+    # attempt this pass is about to record again under the same names, so they stay.
+    stale = [p for p in pods if _older_attempt(p, st.attempt) and not _deleting(p)]
     d.plan.delete_pods += [_deletion(p, d.world.nodes) for p in stale]
     return d
 
