@@ -1,31 +1,37 @@
-"""Operator at scale: N FineTuneJobs on a real control plane, created 16 at a time.
+"""Operator at scale: graft-operator vs a hand-written controller, on one real control plane.
 
-Per repeat, starts a fresh etcd + kube-apiserver + controller-manager + scheduler on 127.0.0.1
-(the CRDs from crds/, four fake A100 nodes and two CPU nodes), then:
+One fresh etcd + kube-apiserver (with an audit log) + controller-manager + scheduler on
+127.0.0.1 (the CRDs from crds/, four fake A100 nodes and two CPU nodes) serves every run:
 
-1. **ceiling**: the same client creates N FineTuneJobs in a namespace no operator watches
-   (what the client and the apiserver manage alone, as in ../shared/PERF-FACTS.md);
-2. **operator**: the real ``graft-operator`` process, told to watch one fresh namespace,
-   while the client creates N 1-node x 8-GPU jobs there. Done when every job has
-   ``Accepted=True`` and its Pod exists. The Pods mostly stay Pending (4 A100 nodes, claims
-   that do not exist): scheduling is not what is measured.
+1. **ceiling**: the bench's client creates N FineTuneJobs in a namespace nothing watches;
+2. **burst**, alternately for each setup, ``--repeat`` times (the order flips every repeat):
+   the setup watches one fresh namespace while the client creates N 1-node x 8-GPU jobs
+   there, 16 at a time. Done when every job has ``Accepted=True`` and its Pod exists (the
+   Pods mostly stay Pending: 4 A100 nodes; scheduling is not what is measured). The setups:
+   * ``graft``: the real ``graft-operator`` process;
+   * ``handwritten``: ``bench/handwritten_controller.py``, a minimal asyncio controller that
+     makes the same writes from the same ``decide`` and builders (raw aiohttp, one watch,
+     16 workers). After the runs the bench reads back the children and status of the first
+     jobs of both and checks they are identical (namespaces, uids and times aside);
+3. **held** (``--held N``, e.g. 10000), for each setup: N suspended jobs (each gets a status
+   write and no children), then the controller's RSS per held job; then a restart over them:
+   the time until every job had its pass again and the writes it made (none are needed).
 
-Measured on the client side from two watches (FineTuneJobs and the jobs' Pods) opened before
-the first create: per-job latency from the create call's return to the first watch event
-showing ``Accepted=True`` (and to the later of that and the first Pod); throughput N / (last
-job done - first create sent). On the operator: CPU seconds (utime+stime from /proc/<pid>/stat)
-per job, peak RSS (VmRSS sampled every 0.2 s, and VmHWM), reconcile passes per job (its own
-metrics), the apiserver's request counters per job (all clients: the operator, the
-scheduler, the controller-manager and this bench), the control plane's CPU per job and how busy
-the whole machine was.
+Measured: throughput N / (last job done - first create sent); per-job latency from the
+create's return to ``Accepted=True`` and to the later of that and its first Pod (client-side
+watches opened before the first create); the controller's CPU (utime+stime) per job, peak
+RSS, passes per job; requests and writes per job *per client* from the apiserver's audit log
+(graft's own client, Kopf's, the hand-written controller's, the scheduler's...); the control
+plane's CPU per job and how busy the machine was.
 
-    .venv/bin/python bench/reconcile_scale.py [--n 1000] [--quick] [--repeat 2] [--profile]
+    .venv/bin/python bench/reconcile_scale.py [--n 500] [--quick] [--repeat 2] [--held 10000]
+        [--setups graft,handwritten] [--profile]
 
-``--quick`` is N=200. ``--profile`` attaches ``py-spy record`` to the operator (its timings are
-then not comparable), keeps the collapsed stacks in $TMPDIR/reconcile_scale-profile.txt and adds
-the heaviest functions to the JSON. Prints a table and writes
-bench/results/reconcile_scale.json. The machine is shared: repeat, and read ratios rather
-than absolute times.
+``--quick`` is N=200, one repeat. ``--profile`` attaches ``py-spy record`` to graft-operator
+(its timings are then not comparable), keeps the collapsed stacks in
+$TMPDIR/reconcile_scale-profile.txt and adds the heaviest functions to the JSON. Prints a
+table with ratios to the hand-written controller and writes bench/results/reconcile_scale.json.
+The machine is shared: read ratios rather than absolute times, and the load printed with them.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +60,8 @@ import psutil
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
-from graft.testing.cluster import FakeKubelet
-from graft.testing.controlplane import ControlPlane, start_control_plane
+from graft.testing.cluster import TEST_NODE_POOLS, FakeKubelet
+from graft.testing.controlplane import ControlPlane, find_assets
 from graft.testing.operator import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +69,9 @@ RESULTS = Path(__file__).parent / "results" / "reconcile_scale.json"
 PROFILE = Path(tempfile.gettempdir()) / "reconcile_scale-profile.txt"
 GROUP, VERSION, PLURAL = "graft.dev", "v1alpha1", "finetunejobs"
 CONCURRENCY = 16
+HANDWRITTEN = Path(__file__).parent / "handwritten_controller.py"
+BENCH_AGENT = "graft-bench"
+WRITES = ("create", "patch", "update", "delete", "deletecollection")
 KOPF = {  # ../shared/PERF-FACTS.md, N=1000, same kind of machine
     "ceiling obj/s": 262,
     "Kopf default obj/s": 116,
@@ -72,14 +82,42 @@ KOPF = {  # ../shared/PERF-FACTS.md, N=1000, same kind of machine
 }
 
 
+class AuditedControlPlane(ControlPlane):
+    """The test control plane with the apiserver's audit log on (metadata only, one JSON
+    line per request), from which the bench counts requests per client."""
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.state_dir / "audit.log"
+
+    def _spawn(self, name: str, argv: Sequence[str]) -> None:
+        if name == "apiserver":
+            policy = self.state_dir / "audit-policy.yaml"
+            policy.write_text(
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\n"
+                "omitStages: [RequestReceived, ResponseStarted]\n"
+                "rules: [{level: Metadata}]\n"
+            )
+            argv = [
+                *argv,
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log_path}",
+                "--audit-log-format=json",
+                "--audit-log-maxsize=0",
+            ]
+        super()._spawn(name, argv)
+
+
 def api_client(cp: ControlPlane) -> client.ApiClient:
     cfg = client.Configuration()
     config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=cfg)  # type: ignore[no-untyped-call]
     cfg.connection_pool_maxsize = CONCURRENCY * 2
-    return client.ApiClient(cfg)
+    api = client.ApiClient(cfg)
+    api.user_agent = BENCH_AGENT
+    return api
 
 
-def job(name: str) -> dict[str, Any]:
+def job(name: str, suspend: bool = False) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
@@ -91,18 +129,23 @@ def job(name: str) -> dict[str, Any]:
             ],
             "output": {"uri": "pvc://models/out"},
             "resources": {"nodePool": "a100-80g", "nodes": 1, "gpusPerNode": 8},
+            "suspend": suspend,
         },
     }
 
 
-def create_all(api: client.ApiClient, ns: str, n: int) -> tuple[float, dict[str, float]]:
+def create_all(
+    api: client.ApiClient, ns: str, n: int, suspend: bool = False
+) -> tuple[float, dict[str, float]]:
     """Create n jobs, CONCURRENCY in flight; (time the first was sent, name -> returned)."""
     custom = client.CustomObjectsApi(api)
     done: dict[str, float] = {}
 
     def one(i: int) -> None:
         name = f"j{i:05d}"
-        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, job(name))
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, job(name, suspend), _preload_content=False
+        )
         done[name] = time.time()
 
     t0 = time.time()
@@ -162,11 +205,13 @@ class Observer:
         self.n = n
         self.lock = threading.Lock()
         self.accepted: dict[str, float] = {}
+        self.suspended: dict[str, float] = {}
         self.admitted_false: dict[str, str] = {}
         self.pod: dict[str, float] = {}
         self.job_events = 0
         self.pod_events = 0
         self.all_done = threading.Event()
+        self.all_suspended = threading.Event()
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         self.watches = [
             RawWatch(
@@ -190,14 +235,18 @@ class Observer:
     def _check(self) -> None:
         if len(self.accepted) >= self.n and len(self.pod) >= self.n:
             self.all_done.set()
+        if len(self.suspended) >= self.n:
+            self.all_suspended.set()
 
     def _job(self, t: float, type_: str, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         with self.lock:
             self.job_events += 1
-            if name in self.accepted:
-                return
             for c in (obj.get("status") or {}).get("conditions") or []:
+                if c.get("type") == "Suspended" and c.get("status") == "True":
+                    self.suspended.setdefault(name, t)
+                if name in self.accepted:
+                    continue
                 if c.get("type") == "Accepted" and c.get("status") == "True":
                     self.accepted[name] = t
                 if c.get("type") == "Admitted" and c.get("status") == "False":
@@ -219,28 +268,6 @@ def pct(xs: list[float], p: float) -> float:
         return float("nan")
     k = min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))
     return xs[k]
-
-
-def apiserver_requests(cp: ControlPlane) -> collections.Counter[str]:
-    """apiserver_request_total summed by verb, resource and subresource.
-
-    The 1.20 apiserver counts a GET of one custom resource as LIST: "LIST finetunejobs" here
-    is the operator's per-pass GET (the bench only watches).
-    """
-    out: collections.Counter[str] = collections.Counter()
-    text = cp.kubectl("get", "--raw", "/metrics").stdout
-    for line in text.splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
-        val = float(line.rsplit(" ", 1)[1])
-        if labels.get("verb") in ("WATCH", "CONNECT"):
-            continue
-        res = labels.get("resource", "")
-        if labels.get("subresource"):
-            res += "/" + labels["subresource"]
-        out[f"{labels.get('verb')} {res}"] += val
-    return out
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -276,8 +303,8 @@ def proc_kb(pid: int, key: str) -> int:
     return 0
 
 
-def namespace(api: client.ApiClient, prefix: str) -> str:
-    ns = f"{prefix}-{uuid.uuid4().hex[:6]}"
+def namespace(api: client.ApiClient, prefix: str, exact: bool = False) -> str:
+    ns = prefix if exact else f"{prefix}-{uuid.uuid4().hex[:6]}"
     client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})  # type: ignore[arg-type]
     return ns
 
@@ -359,30 +386,213 @@ def summarize_profile(top: int = 25) -> dict[str, Any]:
     return {"samples": total, "self_pct": share(self_s), "inclusive_pct": share(incl)}
 
 
-def run_operator(
-    cp: ControlPlane, api: client.ApiClient, n: int, log_dir: Path, profile: bool
-) -> dict[str, Any]:
-    ns = namespace(api, "scale")
-    op = OperatorProcess(cp, log_dir, extra_env={"GRAFT_WATCH_NAMESPACES": ns})
-    op.start()
-    assert op.proc is not None
-    pid = op.proc.pid
-    obs = Observer(api, ns, n)
-    obs.start()
-    time.sleep(2.0)  # Kopf's watches and indexes settle; the operator idles from here
-    profiler = Profiler(pid) if profile else None
-    rss_peak = [0]
-    sampling = threading.Event()
+class Setup:
+    """A controller under test: started on one namespace, stopped, asked for its passes."""
 
-    def sample() -> None:
-        while not sampling.is_set():
-            rss_peak[0] = max(rss_peak[0], proc_kb(pid, "VmRSS"))
+    name = ""
+
+    def __init__(self, cp: AuditedControlPlane, ns: str, log_dir: Path) -> None:
+        self.cp, self.ns, self.log_dir = cp, ns, log_dir
+
+    def start(self) -> int:
+        raise NotImplementedError
+
+    def passes(self) -> tuple[float, float]:
+        """(passes, failed passes) since the process started."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        raise NotImplementedError
+
+
+class Graft(Setup):
+    name = "graft"
+    #: another checkout's operator/src to run instead of this one (``--before``)
+    src: str | None = None
+
+    def start(self) -> int:
+        env = {"GRAFT_WATCH_NAMESPACES": self.ns}
+        if self.src:
+            env["PYTHONPATH"] = self.src
+        self.op = OperatorProcess(self.cp, self.log_dir, extra_env=env)
+        self.op.start()
+        assert self.op.proc is not None
+        return self.op.proc.pid
+
+    def passes(self) -> tuple[float, float]:
+        m = self.op.metrics()
+
+        def total(result: str) -> float:
+            pattern = rf'^graft_reconciles_total\{{kind="FineTuneJob",result="{result}"\}} (\S+)'
+            return sum(float(x) for x in re.findall(pattern, m, re.M))
+
+        return total("ok"), total("error")
+
+    def stop(self) -> None:
+        self.op.stop()
+
+    def log(self) -> str:
+        return self.op.log()
+
+
+class Handwritten(Setup):
+    name = "handwritten"
+
+    def start(self) -> int:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.stats = self.log_dir / f"handwritten-{self.ns}-{time.time_ns()}.json"
+        self.log_path = self.stats.with_suffix(".log")
+        env = {
+            **self.cp.env(),
+            "GRAFT_NODE_POOLS": json.dumps(TEST_NODE_POOLS),
+            "GRAFT_TERMINATION_GRACE_SECONDS": "30",
+            "HANDWRITTEN_NAMESPACE": self.ns,
+            "HANDWRITTEN_STATS": str(self.stats),
+        }
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HANDWRITTEN)], env=env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + 60
+        while not self.stats.exists():  # written once it runs
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"handwritten controller did not start:\n{self.log()}")
+            time.sleep(0.2)
+        return self.proc.pid
+
+    def passes(self) -> tuple[float, float]:
+        st = json.loads(self.stats.read_text())
+        return float(st["passes"]), float(st["errors"])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+class GraftBefore(Graft):
+    name = "graft-before"
+
+
+SETUPS: dict[str, type[Setup]] = {
+    "graft": Graft,
+    "handwritten": Handwritten,
+    "graft-before": GraftBefore,
+}
+
+
+def client_of(agent: str) -> str:
+    """The client a request came from, by its User-Agent."""
+    for prefix, label in (
+        ("graft-operator", "graft"),
+        ("kopf/", "kopf"),
+        ("handwritten", "handwritten"),
+        (BENCH_AGENT, "bench"),
+    ):
+        if agent.startswith(prefix):
+            return label
+    first = agent.split("/")[0]
+    tail = agent.rsplit("/", 1)[-1] if "system:serviceaccount" in agent else ""
+    return f"{first}{':' + tail if tail else ''}"
+
+
+class Audit:
+    """Requests per client from the apiserver's audit log, from a byte offset on."""
+
+    def __init__(self, cp: AuditedControlPlane) -> None:
+        self.path = cp.audit_log_path
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def count(self, ns: str) -> dict[str, dict[str, int]]:
+        """client -> {"requests", "writes", "<verb> <resource>"...} in namespace ns (watches
+        aside: one per controller, not per job)."""
+        out: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for raw in f:
+                if ns.encode() not in raw:
+                    continue
+                ev = json.loads(raw)
+                ref = ev.get("objectRef") or {}
+                verb = ev.get("verb", "")
+                if ref.get("namespace") != ns or verb == "watch":
+                    continue
+                who = client_of(ev.get("userAgent", ""))
+                res = ref.get("resource", "") + (
+                    "/" + ref["subresource"] if ref.get("subresource") else ""
+                )
+                c = out[who]
+                c["requests"] += 1
+                c["writes"] += verb in WRITES
+                c[f"{verb} {res}"] += 1
+        return {k: dict(v) for k, v in out.items()}
+
+
+def per_job(counts: dict[str, dict[str, int]], n: int) -> dict[str, dict[str, float]]:
+    return {
+        who: {k: round(v / n, 2) for k, v in sorted(c.items()) if v / n >= 0.01}
+        for who, c in sorted(counts.items())
+    }
+
+
+def controller_requests(setup: str, counts: dict[str, dict[str, int]]) -> tuple[int, int]:
+    """(requests, writes) the controller under test made: graft's are its client's and Kopf's."""
+    who = ("handwritten",) if setup == "handwritten" else ("graft", "kopf", "OpenAPI-Generator")
+    return (
+        sum(counts.get(w, {}).get("requests", 0) for w in who),
+        sum(counts.get(w, {}).get("writes", 0) for w in who),
+    )
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, proc_kb(self.pid, "VmRSS"))
             time.sleep(0.2)
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return self.peak
+
+
+def run_burst(
+    cp: AuditedControlPlane,
+    api: client.ApiClient,
+    kind: type[Setup],
+    n: int,
+    log_dir: Path,
+    profile: bool,
+    ns: str,
+) -> dict[str, Any]:
+    """One setup reconciling a burst of N new jobs in namespace ``ns`` (the same name for
+    every setup: names feed the children's spec hashes); "objects" holds the first jobs'
+    status and children, normalized."""
+    namespace(api, ns, exact=True)
+    setup = kind(cp, ns, log_dir)
+    pid = setup.start()
+    obs = Observer(api, ns, n)
+    obs.start()
+    time.sleep(2.0)  # watches and indexes settle; the controller idles from here
+    profiler = Profiler(pid) if profile and kind.name == "graft" else None
+    sampler = RssSampler(pid)
     sampler.start()
     rss_before = proc_kb(pid, "VmRSS")
-    req0 = apiserver_requests(cp)
+    audit = Audit(cp)
     cpu0, cp0, m0 = proc_cpu_s(pid), control_plane_cpu_s(), machine_cpu()
     try:
         t0, created = create_all(api, ns, n)
@@ -393,29 +603,15 @@ def run_operator(
         cpu1, cp1, m1 = proc_cpu_s(pid), control_plane_cpu_s(), machine_cpu()
         time.sleep(3.0)
         cpu_settled = proc_cpu_s(pid)
-        req1 = apiserver_requests(cp)
         if profiler:
             profiler.stop()
-        sampling.set()
-        sampler.join()
-        hwm = proc_kb(pid, "VmHWM")
-        rss_end = proc_kb(pid, "VmRSS")
+        rss_peak = sampler.stop()
+        hwm, rss_end = proc_kb(pid, "VmHWM"), proc_kb(pid, "VmRSS")
         obs.stop()
-        m = op.metrics()
-        passes = sum(
-            float(x)
-            for x in re.findall(
-                r'^graft_reconciles_total\{kind="FineTuneJob",result="ok"\} (\S+)', m, re.M
-            )
-        )
-        errors = sum(
-            float(x)
-            for x in re.findall(
-                r'^graft_reconciles_total\{kind="FineTuneJob",result="error"\} (\S+)', m, re.M
-            )
-        )
+        passes, errors = setup.passes()
     finally:
-        op.stop()
+        setup.stop()
+    counts = audit.count(ns)
     with obs.lock:
         acc_lat = [obs.accepted[k] - created[k] for k in obs.accepted if k in created]
         ready_lat = [
@@ -431,12 +627,10 @@ def run_operator(
         refused = dict(list(obs.admitted_false.items())[:3])
     t_last = max(done_times) if finished and done_times else t_end
     wall = t_last - t0
-    reqs = {
-        k: round((req1[k] - req0.get(k, 0)) / n, 2)
-        for k in sorted(req1)
-        if (req1[k] - req0.get(k, 0)) / n >= 0.05
-    }
-    res = {
+    reqs, writes = controller_requests(kind.name, counts)
+    res: dict[str, Any] = {
+        "setup": kind.name,
+        "namespace": ns,
         "n": n,
         "finished": finished,
         "accepted": n_acc,
@@ -447,40 +641,170 @@ def run_operator(
         "accepted_ms": {
             "p50": round(1000 * pct(acc_lat, 50)),
             "p99": round(1000 * pct(acc_lat, 99)),
-            "max": round(1000 * max(acc_lat, default=float("nan"))),
         },
         "accepted_and_pod_ms": {
             "p50": round(1000 * pct(ready_lat, 50)),
             "p99": round(1000 * pct(ready_lat, 99)),
             "max": round(1000 * max(ready_lat, default=float("nan"))),
         },
-        "operator_cpu_ms_per_obj": round(1000 * (cpu1 - cpu0) / n, 2),
-        "operator_cpu_ms_per_obj_settled": round(1000 * (cpu_settled - cpu0) / n, 2),
-        "operator_cpu_share_of_one_core": round((cpu1 - cpu0) / max(t_end - t0, 1e-9), 2),
+        "cpu_ms_per_obj": round(1000 * (cpu1 - cpu0) / n, 2),
+        "cpu_ms_per_obj_settled": round(1000 * (cpu_settled - cpu0) / n, 2),
+        "cpu_share_of_one_core": round((cpu1 - cpu0) / max(t_end - t0, 1e-9), 2),
         "control_plane_cpu_ms_per_obj": {
             k: round(1000 * (cp1.get(k, 0.0) - cp0.get(k, 0.0)) / n, 2) for k in sorted(cp1)
         },
         "machine_cpu_busy_pct": round(100 * (m1[0] - m0[0]) / max(m1[1] - m0[1], 1.0), 1),
-        "operator_rss_mb": {
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "rss_mb": {
             "idle_before": round(rss_before / 1024, 1),
-            "peak_sampled": round(rss_peak[0] / 1024, 1),
+            "peak_sampled": round(rss_peak / 1024, 1),
             "vmhwm": round(hwm / 1024, 1),
             "end": round(rss_end / 1024, 1),
         },
-        "reconcile_passes_per_obj": round(passes / n, 2),
-        "reconcile_errors": errors,
+        "passes_per_obj": round(passes / n, 2),
+        "pass_errors": errors,
+        "requests_per_obj": round(reqs / n, 2),
+        "writes_per_obj": round(writes / n, 2),
+        "audit_per_obj_by_client": per_job(counts, n),
         "watch_events_per_obj": {
             "jobs": round(job_events / n, 2),
             "pods": round(pod_events / n, 2),
         },
-        "apiserver_requests_per_obj": reqs,
-        "profiled": profile,
+        "profiled": profiler is not None,
     }
+    res["objects"] = [normalized(cp, ns, f"j{i:05d}") for i in range(min(n, 3))]
     if refused:
         res["admitted_false_examples"] = refused
     if not finished:
-        res["operator_log_tail"] = op.log()[-3000:]
+        res["log_tail"] = setup.log()[-3000:]
     return res
+
+
+_VOLATILE_META = (
+    "uid",
+    "resourceVersion",
+    "creationTimestamp",
+    "managedFields",
+    "selfLink",
+    "namespace",
+    "generation",
+)
+
+
+def normalized(cp: AuditedControlPlane, ns: str, name: str) -> dict[str, Any]:
+    """The job's status and children as stored, minus what differs between any two
+    namespaces (uids, versions, times, the namespace itself, generated token names)."""
+    kinds = "serviceaccounts,roles,rolebindings,leases,networkpolicies,configmaps,services,pods"
+    raw = cp.kubectl("get", kinds, "-n", ns, "-l", f"graft.dev/job={name}", "-o", "json").stdout
+    out: dict[str, Any] = {}
+    for obj in json.loads(raw)["items"]:
+        meta = obj["metadata"]
+        for k in _VOLATILE_META:
+            meta.pop(k, None)
+        for ref in meta.get("ownerReferences") or []:
+            ref.pop("uid", None)
+        for k in ("status", "secrets"):
+            obj.pop(k, None)
+        if obj["kind"] == "Pod":
+            obj["spec"].pop("nodeName", None)
+        out[f"{obj['kind']}/{meta['name']}"] = obj
+    body = json.loads(cp.kubectl("get", "finetunejob", name, "-n", ns, "-o", "json").stdout)
+    status = {k: v for k, v in (body.get("status") or {}).items() if k != "graft"}
+    for c in status.get("conditions") or []:
+        c.pop("lastTransitionTime", None)
+    for k in ("startTime", "gpuHours", "cost"):
+        status.pop(k, None)
+    out["status"] = status
+    text = json.dumps(out, sort_keys=True).replace(ns, "<ns>")
+    out = json.loads(re.sub(r"-token-[a-z0-9]{5}", "-token-<x>", text))
+    return out
+
+
+def compare_objects(objects: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The first jobs' children and status under graft and under the hand-written controller."""
+    if not {"graft", "handwritten"} <= set(objects):
+        return {"checked": False}
+    diffs: list[str] = []
+    kinds: set[str] = set()
+    for i, (a, b) in enumerate(zip(objects["graft"], objects["handwritten"], strict=True)):
+        kinds |= {k.split("/")[0] for k in a}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                diffs.append(f"j{i:05d} {key}: graft {a.get(key)} vs handwritten {b.get(key)}")
+    return {
+        "checked": True,
+        "jobs": len(objects["graft"]),
+        "kinds": sorted(kinds),
+        "identical": not diffs,
+        "differences": [d[:1500] for d in diffs[:5]],
+    }
+
+
+def run_held(
+    cp: AuditedControlPlane, api: client.ApiClient, kind: type[Setup], n: int, log_dir: Path
+) -> dict[str, Any]:
+    """N suspended jobs held; RSS per job; then a restart over them."""
+    ns = namespace(api, f"held-{kind.name[:5]}")
+    setup = kind(cp, ns, log_dir)
+    try:
+        pid = setup.start()
+        obs = Observer(api, ns, n)
+        obs.start()
+        time.sleep(3.0)
+        rss0 = proc_kb(pid, "VmRSS")
+        t0 = time.time()
+        create_all(api, ns, n, suspend=True)
+        settled = obs.all_suspended.wait(timeout=max(300.0, n * 0.2))
+        t_held = time.time() - t0
+        time.sleep(5.0)
+        rss1 = proc_kb(pid, "VmRSS")
+        hwm1 = proc_kb(pid, "VmHWM")
+        passes_first, _ = setup.passes()
+        setup.stop()
+        audit = Audit(cp)
+        # the restart: a new process over N existing, settled jobs
+        setup = kind(cp, ns, log_dir)
+        t_start = time.time()
+        pid = setup.start()
+        t_up = time.time() - t_start
+        deadline = time.time() + max(300.0, n * 0.1)
+        passes = 0.0
+        while time.time() < deadline:
+            passes, _ = setup.passes()
+            if passes >= n:
+                break
+            time.sleep(0.5)
+        t_settle = time.time() - t_start
+        time.sleep(3.0)
+        rss2 = proc_kb(pid, "VmRSS")
+        obs.stop()
+        counts = audit.count(ns)
+        reqs, writes = controller_requests(kind.name, counts)
+        return {
+            "setup": kind.name,
+            "n": n,
+            "all_suspended": settled,
+            "seconds_to_hold_all": round(t_held, 1),
+            "rss_mb_idle": round(rss0 / 1024, 1),
+            "rss_mb_held": round(rss1 / 1024, 1),
+            "vmhwm_mb": round(hwm1 / 1024, 1),
+            "kb_per_held_job": round((rss1 - rss0) / n, 2),
+            "passes_per_job_first": round(passes_first / n, 2),
+            "restart": {
+                "seconds_to_healthy": round(t_up, 1),
+                "seconds_to_settle": round(t_settle, 1),
+                "passes": passes,
+                "settled": passes >= n,
+                "rss_mb": round(rss2 / 1024, 1),
+                "requests": reqs,
+                "writes": writes,
+                "audit_by_client": counts,
+            },
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+    finally:
+        setup.stop()
+        drop_namespace(api, ns)
 
 
 def median_of(runs: list[dict[str, Any]], *path: str) -> float:
@@ -490,74 +814,123 @@ def median_of(runs: list[dict[str, Any]], *path: str) -> float:
         for p in path:
             v = v[p]
         vals.append(float(v))
-    return round(statistics.median(vals), 2)
+    return round(statistics.median(vals), 2) if vals else float("nan")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name in SETUPS:
+        rs = [r for r in runs if r["setup"] == name]
+        if not rs:
+            continue
+        out[name] = {
+            "obj_per_s": median_of(rs, "obj_per_s"),
+            "p50_ms": median_of(rs, "accepted_and_pod_ms", "p50"),
+            "p99_ms": median_of(rs, "accepted_and_pod_ms", "p99"),
+            "cpu_ms_per_obj": median_of(rs, "cpu_ms_per_obj"),
+            "peak_rss_mb": median_of(rs, "rss_mb", "peak_sampled"),
+            "requests_per_obj": median_of(rs, "requests_per_obj"),
+            "writes_per_obj": median_of(rs, "writes_per_obj"),
+            "passes_per_obj": median_of(rs, "passes_per_obj"),
+            "machine_cpu_busy_pct": median_of(rs, "machine_cpu_busy_pct"),
+        }
+    return out
+
+
+def ratios(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each setup over the hand-written controller; the issue's goals for graft: throughput
+    >= 1.2, CPU per job <= 1.0, p99 <= 1.0."""
+    h = summary.get("handwritten")
+    if not h:
+        return {}
+    keys = ("obj_per_s", "p99_ms", "cpu_ms_per_obj", "peak_rss_mb", "requests_per_obj")
+    return {
+        name: {k: round(g[k] / h[k], 2) for k in keys if h[k]}
+        for name, g in summary.items()
+        if name != "handwritten"
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=1000, help="FineTuneJobs per run (default 1000)")
-    ap.add_argument("--quick", action="store_true", help="N=200")
-    ap.add_argument("--repeat", type=int, default=1, help="ceiling + operator runs (default 1)")
-    ap.add_argument("--profile", action="store_true", help="run the operator under py-spy")
+    ap.add_argument("--n", type=int, default=500, help="FineTuneJobs per burst (default 500)")
+    ap.add_argument("--quick", action="store_true", help="N=200, one repeat")
+    ap.add_argument("--repeat", type=int, default=2, help="bursts per setup (default 2)")
+    ap.add_argument("--held", type=int, default=0, help="suspended jobs held (0: skip)")
+    ap.add_argument("--setups", default="graft,handwritten", help="comma-separated")
+    ap.add_argument("--no-burst", action="store_true", help="only the held mode")
+    ap.add_argument(
+        "--before",
+        metavar="SRC",
+        help="also run graft-operator from another checkout's operator/src (setup graft-before)",
+    )
+    ap.add_argument("--profile", action="store_true", help="run graft-operator under py-spy")
     ap.add_argument("--output", type=Path, default=RESULTS)
     a = ap.parse_args()
     n = 200 if a.quick else a.n
+    repeat = 1 if a.quick else a.repeat
+    kinds = [SETUPS[s] for s in a.setups.split(",")]
+    if a.before:
+        GraftBefore.src = str(Path(a.before).resolve())
+        kinds.append(GraftBefore)
     state = Path(tempfile.mkdtemp(prefix="graft-bench-"))
     t_start = time.time()
     runs: list[dict[str, Any]] = []
+    held: list[dict[str, Any]] = []
+    ceiling: dict[str, Any] = {}
+    same: dict[str, Any] = {"checked": False}
+    objects: dict[str, list[dict[str, Any]]] = {}
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    cp = AuditedControlPlane(assets=find_assets(), state_dir=state / "cp")
+    cp.start()
     try:
-        for i in range(a.repeat):
-            # a fresh control plane per repeat: the previous run's garbage collection (3,000
-            # children) would otherwise still be going on
-            cp = start_control_plane(state / f"cp{i}")
-            try:
-                cp.kubectl("apply", "-f", str(ROOT / "crds"))
-                cp.kubectl(
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=60s",
-                    "crd/finetunejobs.graft.dev",
-                )
-                api = api_client(cp)
-                kubelet = FakeKubelet(api)
-                kubelet.add_a100_nodes(4)
-                kubelet.add_cpu_nodes(2)
-                ceiling = run_ceiling(api, n)
-                print(f"[{i + 1}/{a.repeat}] ceiling: {ceiling}", flush=True)
-                op = run_operator(cp, api, n, state / "operator", a.profile)
-                print(f"[{i + 1}/{a.repeat}] operator: {json.dumps(op)}", flush=True)
-                runs.append({"ceiling": ceiling, "operator": op})
-            finally:
-                cp.stop()
+        cp.kubectl("apply", "-f", str(ROOT / "crds"))
+        cp.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.graft.dev"
+        )
+        api = api_client(cp)
+        kubelet = FakeKubelet(api)
+        kubelet.add_a100_nodes(4)
+        kubelet.add_cpu_nodes(2)
+        if not a.no_burst:
+            ceiling = run_ceiling(api, n)
+            print(f"ceiling: {ceiling}", flush=True)
+            for i in range(repeat):
+                order = kinds if i % 2 == 0 else kinds[::-1]
+                for kind in order:
+                    burst_ns = f"burst-{i}"
+                    r = run_burst(cp, api, kind, n, state / "logs", a.profile, burst_ns)
+                    objects[kind.name] = objects.get(kind.name) or r.pop("objects")
+                    r.pop("objects", None)
+                    print(f"[{i + 1}/{repeat}] {kind.name}: {json.dumps(r)}", flush=True)
+                    runs.append(r)
+                    drop_namespace(api, r["namespace"])
+            same = compare_objects(objects)
+            print(f"objects: {json.dumps(same)}", flush=True)
+        for kind in kinds if a.held else []:
+            h = run_held(cp, api, kind, a.held, state / "logs")
+            print(f"held {kind.name}: {json.dumps(h)}", flush=True)
+            held.append(h)
     finally:
+        cp.stop()
         shutil.rmtree(state, ignore_errors=True)
 
-    ops = [r["operator"] for r in runs]
-    summary = {
-        "ceiling_obj_per_s": median_of(runs, "ceiling", "obj_per_s"),
-        "operator_obj_per_s": median_of(ops, "obj_per_s"),
-        "ratio_to_ceiling": round(
-            median_of(ops, "obj_per_s") / median_of(runs, "ceiling", "obj_per_s"), 2
-        ),
-        "accepted_p50_ms": median_of(ops, "accepted_ms", "p50"),
-        "accepted_p99_ms": median_of(ops, "accepted_ms", "p99"),
-        "accepted_and_pod_p99_ms": median_of(ops, "accepted_and_pod_ms", "p99"),
-        "operator_cpu_ms_per_obj": median_of(ops, "operator_cpu_ms_per_obj"),
-        "operator_peak_rss_mb": median_of(ops, "operator_rss_mb", "peak_sampled"),
-        "reconcile_passes_per_obj": median_of(ops, "reconcile_passes_per_obj"),
-        "operator_cpu_share_of_one_core": median_of(ops, "operator_cpu_share_of_one_core"),
-        "machine_cpu_busy_pct": median_of(ops, "machine_cpu_busy_pct"),
-    }
+    summary = summarize(runs)
     out: dict[str, Any] = {
         "n": n,
         "concurrency": CONCURRENCY,
-        "repeats": a.repeat,
+        "repeats": repeat,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "load_average_before": load_before,
             "note": "shared 2-core machine; other workloads ran concurrently",
         },
+        "ceiling": ceiling,
         "summary": summary,
+        "ratios_to_handwritten": ratios(summary),
+        "objects_identical": same,
+        "held": held,
         "kopf_baselines_perf_facts": KOPF,
         "runs": runs,
         "wall_seconds": round(time.time() - t_start, 1),
@@ -567,30 +940,33 @@ def main() -> None:
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(out, indent=2) + "\n")
 
-    rows = [
-        ("client alone, no operator (ceiling)", f"{summary['ceiling_obj_per_s']}", "-", "-", "-"),
-        (
-            "graft-operator (Kopf 1.45.2, status storage)",
-            f"{summary['operator_obj_per_s']}",
-            f"{summary['accepted_p50_ms']:.0f} / {summary['accepted_p99_ms']:.0f}",
-            f"{summary['operator_cpu_ms_per_obj']}",
-            f"{summary['operator_peak_rss_mb']}",
-        ),
-    ]
-    print(f"\nN={n}, {CONCURRENCY} creates in flight, medians of {a.repeat} run(s)")
-    print("| setup | obj/s | Accepted p50 / p99 ms | operator CPU ms/obj | peak RSS MB |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-    print(
-        f"ratio to ceiling {summary['ratio_to_ceiling']}; "
-        f"Accepted+Pod p99 {summary['accepted_and_pod_p99_ms']:.0f} ms; "
-        f"{summary['reconcile_passes_per_obj']} reconcile passes per job; operator used "
-        f"{summary['operator_cpu_share_of_one_core']} of a core, the machine was "
-        f"{summary['machine_cpu_busy_pct']}% busy"
-    )
-    print("PERF-FACTS (Kopf, N=1000): ceiling 262, default 116 / status storage 160 obj/s,")
-    print("p99 2947-3830 ms, CPU 2.9-4.1 ms/obj, peak RSS 136-146 MB")
+    if summary:
+        print(f"\nN={n}, {CONCURRENCY} creates in flight, medians of {repeat} run(s) per setup")
+        print(f"ceiling (client alone): {ceiling.get('obj_per_s')} obj/s")
+        print(
+            "| setup | jobs/s | Accepted+Pod p50 / p99 ms | CPU ms/job | peak RSS MB "
+            "| requests (writes) per job | passes per job |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for name, s in summary.items():
+            print(
+                f"| {name} | {s['obj_per_s']} | {s['p50_ms']:.0f} / {s['p99_ms']:.0f} "
+                f"| {s['cpu_ms_per_obj']} | {s['peak_rss_mb']} "
+                f"| {s['requests_per_obj']} ({s['writes_per_obj']}) | {s['passes_per_obj']} |"
+            )
+        for name, r in out["ratios_to_handwritten"].items():
+            print(f"ratios {name} / handwritten: {r}")
+        print(f"objects identical: {same.get('identical')} ({same.get('kinds')})")
+        busy = [r["machine_cpu_busy_pct"] for r in runs]
+        print(f"machine busy {busy} %, load average before {load_before}")
+    for h in held:
+        r = h["restart"]
+        print(
+            f"held {h['setup']}: {h['n']} suspended jobs, RSS {h['rss_mb_idle']} -> "
+            f"{h['rss_mb_held']} MB ({h['kb_per_held_job']} KB/job); restart settled in "
+            f"{r['seconds_to_settle']} s ({r['passes']} passes), {r['writes']} writes, "
+            f"RSS {r['rss_mb']} MB"
+        )
     if "profile" in out:
         print("\nprofile, inclusive % of samples:")
         for f, p in out["profile"]["inclusive_pct"]:
