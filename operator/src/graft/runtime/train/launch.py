@@ -34,6 +34,7 @@ from graft.runtime.train.errors import (
     classify,
     write_termination,
 )
+from graft.runtime.train.progress import start_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,10 @@ def run_torchrun(env: RuntimeEnv) -> int:
 
 def main_entry(env: RuntimeEnv | None = None) -> int:
     env = env or RuntimeEnv.from_env()
-    if env.launch_world_size > 1 and os.environ.get(WORKER_ENV) != "1":
+    launcher = env.launch_world_size > 1 and os.environ.get(WORKER_ENV) != "1"
+    # before torch is imported: a gang that is starting up is not hung
+    start_heartbeat(env, launcher=launcher)
+    if launcher:
         return run_torchrun(env)
     return run_worker(env)
 

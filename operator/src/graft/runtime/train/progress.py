@@ -11,6 +11,12 @@ renewal, so a rank stuck in a collective stops it. Outside the loop (loading the
 preparing data, writing files) nothing else can block on another rank for long, and the
 Lease is renewed on time. All API calls run on a background thread; a failing API server
 is logged and never slows or stops training.
+
+Renewal starts with the process (``start_heartbeat``, before torch and the model libraries
+are imported), not once training is set up: those imports alone take tens of seconds on a
+busy node, and a gang that is starting up is working, not hung. Under torchrun the pod's
+launcher renews until global rank 0's worker has taken over (a file it creates), so there
+is always exactly one reporter that the training loop can stop.
 """
 
 from __future__ import annotations
@@ -18,12 +24,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from graft.runtime.train.config import RuntimeEnv
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +134,14 @@ class LeaseReporter:
         heartbeat_interval: float,
         progress_interval: float,
         api: Any = None,
+        until: Callable[[], bool] | None = None,
     ) -> None:
         self.lease = lease
         self.namespace = namespace
         self.holder = holder
         self.heartbeat = heartbeat
+        #: When it returns True the reporter stops for good (another process took over).
+        self.until = until
         self.heartbeat_interval = max(0.05, heartbeat_interval)
         self.progress_interval = max(0.0, progress_interval)
         self._api = api
@@ -189,6 +204,8 @@ class LeaseReporter:
                 payload = self._latest if (report_due or stopping) else None
                 if payload is not None:
                     self._latest = None
+            if self.until is not None and self.until():
+                return
             alive, seen = self.heartbeat.check(seen)
             self._patch(payload, renew=alive)
             t = time.monotonic()
@@ -209,6 +226,101 @@ class LeaseReporter:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout)
+
+
+#: Set by a pod's torchrun launcher for its workers: the file global rank 0's worker creates
+#: once it renews the Lease itself, which stops the launcher's renewals.
+HANDOFF_ENV = "GRAFT_HEARTBEAT_HANDOFF"
+
+_started: LeaseReporter | None = None
+
+
+def _reports(env: RuntimeEnv) -> bool:
+    """Whether this process is (or launches) global rank 0 of a job with a progress Lease."""
+    if not (env.progress_lease and env.pod_namespace) or env.node_rank != 0:
+        return False
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _new_reporter(env: RuntimeEnv, until: Callable[[], bool] | None = None) -> LeaseReporter:
+    assert env.progress_lease and env.pod_namespace
+    return LeaseReporter(
+        env.progress_lease,
+        env.pod_namespace,
+        env.pod_name or _hostname(),
+        heartbeat=Heartbeat(),
+        heartbeat_interval=env.heartbeat_interval,
+        progress_interval=env.annotation_interval,
+        until=until,
+    )
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def start_heartbeat(env: RuntimeEnv, *, launcher: bool = False) -> LeaseReporter | None:
+    """Start renewing the job's Lease now, first thing in the process, so that importing
+    torch and the model libraries (slow on a busy node) never looks like a hung trainer.
+
+    ``launcher``: this process only starts the workers (torchrun); it renews until global
+    rank 0's worker calls this too, and the training loop's heartbeat takes over.
+    """
+    global _started
+    if _started is not None or not _reports(env):
+        return _started
+    if launcher:
+        handoff = Path(tempfile.mkdtemp(prefix="graft-heartbeat-")) / "taken"
+        os.environ[HANDOFF_ENV] = str(handoff)
+        _started = _new_reporter(env, until=handoff.exists)
+        return _started
+    _started = _new_reporter(env)
+    taken = os.environ.pop(HANDOFF_ENV, None)
+    if taken:
+        Path(taken).touch()
+    return _started
+
+
+def lease_reporter(env: RuntimeEnv, is_main: bool) -> LeaseReporter | None:
+    """The Lease reporter of a training run in this process: the one ``start_heartbeat``
+    started, else a new one (a run started in-process); only global rank 0 has one."""
+    global _started
+    started, _started = _started, None
+    if not is_main:
+        if started is not None:
+            started.close()
+        return None
+    if started is not None:
+        return started
+    if env.progress_lease and env.pod_namespace:
+        return _new_reporter(env)
+    return None
+
+
+#: Test-only: "<job>:<attempt>:<rank>:<step>" makes that rank of that attempt of that job
+#: block for ever in a communication op once it has finished that step, so the e2e tests
+#: can show a hung gang being detected. Never set outside tests.
+TEST_HANG_ENV = "GRAFT_TEST_ONLY_HANG_IN_COLLECTIVE"
+
+
+def test_only_hang_in_collective(job: str, rank: int, world: int, attempt: int, step: int) -> None:
+    """Block for ever, as a rank stuck in a collective does, when ``TEST_HANG_ENV`` says
+    so: this rank waits in a receive no peer answers, and the others then wait for it in
+    the next step's gradient all-reduce (the heartbeat stops with them)."""
+    want = os.environ.get(TEST_HANG_ENV)
+    if not want or world < 2:
+        return
+    name, a, r, s = want.rsplit(":", 3)
+    if (name, attempt, rank, step) != (job, int(a), int(r), int(s)):
+        return
+    import torch
+    import torch.distributed as dist
+
+    log.warning("test-only hang: blocking in a receive no peer answers", extra={"step": step})
+    while True:
+        dist.recv(torch.zeros(1), src=(rank + 1) % world)
 
 
 class Reporter:

@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -76,7 +75,13 @@ from graft.runtime.train.model import (
     save_output,
 )
 from graft.runtime.train.prepare import PreparedStage, prepare_stage
-from graft.runtime.train.progress import Heartbeat, LeaseReporter, Reporter, format_eta
+from graft.runtime.train.progress import (
+    Heartbeat,
+    Reporter,
+    format_eta,
+    lease_reporter,
+    test_only_hang_in_collective,
+)
 
 log = logging.getLogger(__name__)
 
@@ -423,17 +428,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         d = gdist.init()
-        heartbeat = Heartbeat()
-        lease = None
-        if d.is_main and self.env.progress_lease and self.env.pod_namespace:
-            lease = LeaseReporter(
-                self.env.progress_lease,
-                self.env.pod_namespace,
-                self.env.pod_name or socket.gethostname(),
-                heartbeat=heartbeat,
-                heartbeat_interval=self.env.heartbeat_interval,
-                progress_interval=self.env.annotation_interval,
-            )
+        lease = lease_reporter(self.env, d.is_main)
+        heartbeat = lease.heartbeat if lease is not None else Heartbeat()
         reporter = Reporter(
             enabled=d.is_main,
             interval=self.env.progress_interval,
@@ -741,6 +737,9 @@ class Trainer:
         def after_step(rep: StepReport, st: LoopStats) -> bool:
             nonlocal last_save
             self.started = True
+            test_only_hang_in_collective(
+                self.job.name, d.rank, d.world_size, self.job.attempt, rep.step
+            )
             reporter.beat()
             window["tokens"] += rep.tokens
             window["steps"] += 1
