@@ -312,7 +312,8 @@ def namespace(api: client.ApiClient, prefix: str, exact: bool = False) -> str:
 def drop_namespace(api: client.ApiClient, ns: str) -> None:
     """Jobs and pods at once (no kubelet confirms a graceful deletion), then the namespace."""
     custom = client.CustomObjectsApi(api)
-    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
+    with contextlib.suppress(client.ApiException):  # 504 on thousands: the namespace goes
+        custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
     core = client.CoreV1Api(api)
     core.delete_collection_namespaced_pod(ns, grace_period_seconds=0)
     core.delete_namespace(ns)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import urllib.request
 from collections.abc import Awaitable
 from typing import Any
@@ -31,6 +32,10 @@ MERGE = "application/merge-patch+json"
 RAW: dict[str, Any] = {"_preload_content": False}
 
 log = logging.getLogger(__name__)
+
+# The first "resourceVersion" key of an object's JSON is metadata's (spec and status have
+# none; a quote inside a string value is escaped, so no value can match).
+_RESOURCE_VERSION = re.compile(rb'"resourceVersion":"([^"]*)"')
 
 # apiVersion/kind -> plural, for the custom resources we read or write.
 _CUSTOM = {
@@ -275,11 +280,12 @@ class Kube:
 
     async def patch_status(
         self, api_version: str, kind: str, ns: str, name: str, status: dict[str, Any]
-    ) -> None:
-        """Merge-patch the status subresource (None values delete keys)."""
+    ) -> str | None:
+        """Merge-patch the status subresource (None values delete keys); the object's new
+        resourceVersion (None when it is gone), without parsing the rest of the answer."""
         group, version = api_version.split("/")
         try:
-            await _read(
+            out = await _read(
                 self.custom.patch_namespaced_custom_object_status(
                     group,
                     version,
@@ -293,5 +299,7 @@ class Kube:
             )
         except ApiException as e:
             if e.status == 404:
-                return  # deleted meanwhile: nothing to report on
+                return None  # deleted meanwhile: nothing to report on
             raise api_error(e, f"patch status of {kind} {ns}/{name}") from e
+        m = _RESOURCE_VERSION.search(out)
+        return m.group(1).decode() if m else None

@@ -113,8 +113,10 @@ async def graft_nodes(name: str, status: kopf.Status, **_: Any) -> dict[Any, Any
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-async def job_changed(name: str, namespace: str | None, memo: Any, **kwargs: Any) -> None:
-    await _reconciler(memo, kwargs).reconcile(str(namespace), name)
+async def job_changed(
+    name: str, namespace: str | None, body: kopf.Body, memo: Any, **kwargs: Any
+) -> None:
+    await _reconciler(memo, kwargs).reconcile(str(namespace), name, body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

@@ -15,6 +15,25 @@ from graft.reconcile.modelservice import ModelServiceReconciler
 log = logging.getLogger(__name__)
 
 
+class LeanStatusDiffBaseStorage(kopf.StatusDiffBaseStorage):
+    """Kopf's diff base in status, built from what it keeps of the body.
+
+    Kopf builds an object's "essence" on every event of a resource it has change handlers
+    for: it deep-copies the whole body (status, managedFields and its own stored copy of the
+    spec included), then drops all but the spec and metadata's labels and annotations.
+    That copy was 1.8 ms of every FineTuneJob's ~25 ms of operator CPU at scale. The same
+    essence comes from deep-copying only what is kept.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        if extra_fields:  # a handler reacts to other fields: Kopf's own way
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        lean: dict[str, Any] = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        lean["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        return super().build(body=kopf.Body(lean), extra_fields=None)  # type: ignore[arg-type]
+
+
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     """Brand Kopf's persistence and keep its bookkeeping in status (one write per change)."""
     settings.persistence.finalizer = "graft.dev/finalizer"
@@ -26,7 +45,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.progress_storage = kopf.StatusProgressStorage(
         field="status.graft.progress", touch_field="status.graft.dummy"
     )
-    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+    settings.persistence.diffbase_storage = LeanStatusDiffBaseStorage(
         field="status.graft.lastHandledConfiguration"
     )
     # Kopf's own "Handler succeeded" Events would be one more POST per change; the

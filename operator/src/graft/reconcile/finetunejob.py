@@ -774,6 +774,9 @@ class FineTuneJobReconciler:
         self.leases_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
         #: (namespace, Pod name) -> ``pod_digest`` of the Pod's state a pass last saw
         self._pod_digests: dict[tuple[str, str], int] = {}
+        #: (namespace, job) -> resourceVersion of this process's last status write, until
+        #: the watch has delivered a version at least that new (``_fresh``)
+        self._written: dict[tuple[str, str], int] = {}
 
     def use_indexes(
         self, pods: Mapping[Any, Any], nodes: Mapping[Any, Any], leases: Mapping[Any, Any]
@@ -800,11 +803,39 @@ class FineTuneJobReconciler:
                 out[str(name)] = n
         return out
 
-    async def reconcile(self, namespace: str, name: str) -> None:
-        await self._passes.run((namespace, name), lambda: self._pass(namespace, name))
+    async def reconcile(
+        self, namespace: str, name: str, body: Mapping[str, Any] | None = None
+    ) -> None:
+        """A pass (or one more, if one is running). ``body`` is the job as the watch
+        delivered it: the first pass uses it instead of reading the job again when it already
+        shows this process's last status write; passes run again for coalesced triggers
+        read the job afresh."""
+        key = (namespace, name)
+        given = [dict(body)] if body is not None and self._fresh(key, body) else []
+
+        async def once() -> None:
+            await self._pass(namespace, name, given.pop() if given else None)
+
+        await self._passes.run(key, once)
+
+    def _fresh(self, key: tuple[str, str], body: Mapping[str, Any]) -> bool:
+        """Whether ``body`` is at least as new as this process's last status write of the job
+        (a watch event may lag behind a write made by a pass that read the job itself)."""
+        written = self._written.get(key)
+        if written is None:
+            return True
+        try:
+            seen = int(str((body.get("metadata") or {}).get("resourceVersion")))
+        except ValueError:
+            return False
+        if seen < written:
+            return False
+        del self._written[key]  # the watch is past the write: later events are newer still
+        return True
 
     def forget(self, namespace: str, name: str) -> None:
         self._passes.forget((namespace, name))
+        self._written.pop((namespace, name), None)
         timer = self._timers.pop((namespace, name), None)
         if timer:
             timer.cancel()
@@ -832,9 +863,10 @@ class FineTuneJobReconciler:
             )
             self._requeue(namespace, name, 5.0)
 
-    async def _pass(self, namespace: str, name: str) -> None:
+    async def _pass(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
         t0 = asyncio.get_running_loop().time()
-        body = await self.kube.get_custom(API_VERSION, KIND, namespace, name)
+        if body is None:
+            body = await self.kube.get_custom(API_VERSION, KIND, namespace, name)
         if body is None:
             self.forget(namespace, name)
             metrics.observe_phase(KIND, f"{namespace}/{name}", None)
@@ -899,7 +931,12 @@ class FineTuneJobReconciler:
                     self._pod_digests.pop(key, None)
         patch = status_patch(dict(body.get("status") or {}), plan.status)
         if patch:
-            await self.kube.patch_status(API_VERSION, KIND, ns, body["metadata"]["name"], patch)
+            job = str(body["metadata"]["name"])
+            version = await self.kube.patch_status(API_VERSION, KIND, ns, job, patch)
+            if version is not None and version.isdigit():
+                self._written[(ns, job)] = int(version)
+            else:  # no version to compare a watch event with: read the job next time
+                self._written[(ns, job)] = 1 << 62
         for kind, reason, message in plan.events:
             kopf.event(owner, type=kind, reason=reason, message=message[:1000])
         if plan.restart_reason:
