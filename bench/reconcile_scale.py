@@ -776,6 +776,7 @@ def run_held(
                 break
             time.sleep(0.5)
         t_settle = time.time() - t_start
+        cpu_settle = proc_cpu_s(pid)  # start-up included
         time.sleep(3.0)
         rss2 = proc_kb(pid, "VmRSS")
         obs.stop()
@@ -794,6 +795,7 @@ def run_held(
             "restart": {
                 "seconds_to_healthy": round(t_up, 1),
                 "seconds_to_settle": round(t_settle, 1),
+                "cpu_seconds_to_settle": round(cpu_settle, 1),
                 "passes": passes,
                 "settled": passes >= n,
                 "rss_mb": round(rss2 / 1024, 1),
@@ -965,7 +967,8 @@ def main() -> None:
         print(
             f"held {h['setup']}: {h['n']} suspended jobs, RSS {h['rss_mb_idle']} -> "
             f"{h['rss_mb_held']} MB ({h['kb_per_held_job']} KB/job); restart settled in "
-            f"{r['seconds_to_settle']} s ({r['passes']} passes), {r['writes']} writes, "
+            f"{r['seconds_to_settle']} s ({r['cpu_seconds_to_settle']} CPU-s, {r['passes']} "
+            f"passes), {r['writes']} writes, "
             f"RSS {r['rss_mb']} MB"
         )
     if "profile" in out:
