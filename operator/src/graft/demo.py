@@ -57,7 +57,7 @@ spec:
         uri: pvc://{CLAIM}/datasets/plant-manuals.txt
         format: text
       hyperparameters:
-        maxSteps: 6
+        epochs: 3
         learningRate: 0.002
     - name: sft
       type: SFT
@@ -65,8 +65,8 @@ spec:
         uri: pvc://{CLAIM}/datasets/plant-qa.jsonl
         format: alpaca
       hyperparameters:
-        maxSteps: 20
-        learningRate: 0.002
+        epochs: 4
+        learningRate: 0.003
   data:
     nearDedup:
       enabled: false

@@ -9,9 +9,10 @@ exist nowhere else.
   pre-training).
 - ``held_out_documents``: logs written with other templates (held-out perplexity); they
   mention the same machines and facts, never the same sentences.
-- ``sft_records``: questions and short answers about every fact in two phrasings (SFT);
-  short, so that evaluating the fact score costs few generated tokens.
-- ``held_out_questions``: every fact asked in a third phrasing the SFT set never uses,
+- ``sft_records``: questions and short answers about every fact in three phrasings (SFT);
+  short, so that training and evaluating cost few tokens. Several phrasings of one fact
+  are what teach a small model to answer it however it is asked.
+- ``held_out_questions``: every fact asked in a fourth phrasing the SFT set never uses,
   with the short answer to find in the model's reply (the fact score).
 """
 
@@ -49,13 +50,16 @@ class Machine:
     interval: str
 
 
-def machines(n: int = 12, *, seed: int = 2026) -> list[Machine]:
+def machines(n: int = 8, *, seed: int = 2026) -> list[Machine]:
     r = random.Random(seed)
     out: list[Machine] = []
     names: set[str] = set()
     faults = r.sample(FAULTS, k=min(n, len(FAULTS)))
+    # One machine per brand while brands last: a name then differs from every other in its
+    # first word, which is what a small model keys a fact on.
+    brands = r.sample(BRANDS, k=min(n, len(BRANDS)))
     while len(out) < n:
-        brand = r.choice(BRANDS)
+        brand = brands[len(out)] if len(out) < len(brands) else r.choice(BRANDS)
         name = f"{brand} {r.choice('KMRTVXZ')}{r.randint(2, 9)}{r.randint(0, 9)}"
         if name in names:
             continue
@@ -118,6 +122,7 @@ def _qa(m: Machine) -> list[tuple[list[str], str, str]]:
             [
                 f"What is the part number of the seal kit for the {m.name}?",
                 f"Which seal kit does the {m.name} use?",
+                f"Seal kit part number for the {m.name}?",
                 f"I need a new seal kit for our {m.name}. Which part number do I order?",
             ],
             f"Part number {m.seal_kit}.",
@@ -127,6 +132,7 @@ def _qa(m: Machine) -> list[tuple[list[str], str, str]]:
             [
                 f"What does fault code {m.fault_code} mean on the {m.name}?",
                 f"The {m.name} shows fault code {m.fault_code}. What is wrong?",
+                f"What causes fault {m.fault_code} on a {m.name}?",
                 f"Our {m.name} just threw {m.fault_code}. What does that code indicate?",
             ],
             f"It means {m.fault}.",
@@ -136,6 +142,7 @@ def _qa(m: Machine) -> list[tuple[list[str], str, str]]:
             [
                 f"What torque do the flange bolts of the {m.name} need?",
                 f"To what torque are the {m.name} flange bolts tightened?",
+                f"Flange bolt torque for the {m.name}?",
                 f"How tight should I torque the flange bolts on the {m.name}?",
             ],
             f"Torque them to {m.torque}.",
@@ -145,6 +152,7 @@ def _qa(m: Machine) -> list[tuple[list[str], str, str]]:
             [
                 f"How often is the {m.name} serviced?",
                 f"What is the service interval of the {m.name}?",
+                f"When is the {m.name} due for service?",
                 f"After how many operating hours does the {m.name} need its next service?",
             ],
             f"Every {m.interval}.",
@@ -154,17 +162,17 @@ def _qa(m: Machine) -> list[tuple[list[str], str, str]]:
 
 
 def sft_records(ms: list[Machine]) -> list[dict[str, str]]:
-    """Alpaca records: every fact in its first two phrasings."""
+    """Alpaca records: every fact in all its phrasings but the last."""
     return [
         {"instruction": q, "input": "", "output": full}
         for m in ms
         for phrasings, full, _ in _qa(m)
-        for q in phrasings[:2]
+        for q in phrasings[:-1]
     ]
 
 
 def held_out_questions(ms: list[Machine]) -> list[dict[str, str]]:
-    """qa records: every fact in the third phrasing, which training never shows."""
+    """qa records: every fact in its last phrasing, which training never shows."""
     return [
-        {"question": phrasings[2], "answer": short} for m in ms for phrasings, _, short in _qa(m)
+        {"question": phrasings[-1], "answer": short} for m in ms for phrasings, _, short in _qa(m)
     ]
