@@ -68,6 +68,26 @@ uri = st.one_of(
     st.builds(lambda p: f"file:///{p}", path),
     st.just("hf://meta-llama/Llama-3-8B"),
 )
+# Most examples should reach the children's dry runs: URIs, resources, dataset formats and
+# evaluations are drawn from values decide takes ``VALID_ODDS`` times in ``VALID_ODDS + 1``,
+# and from the whole range (edge cases, values the schema or decide refuse) otherwise. A
+# spec has half a dozen URIs, so without this most specs held one that decide refuses
+# (file://, hf://, a ``..`` path) and only 77 of 500 examples got past decide; now ~400.
+VALID_ODDS = 40
+
+
+def mostly(valid: st.SearchStrategy[Any], anything: st.SearchStrategy[Any]) -> Any:
+    # not one_of(valid, valid, ..., anything): Hypothesis drops repeated branches
+    odds = st.sampled_from([True] * VALID_ODDS + [False])
+    return odds.flatmap(lambda ok: valid if ok else anything)
+
+
+clean_segment = st.from_regex(r"\A[A-Za-z0-9_-]{1,12}\Z")
+clean_uri = st.builds(
+    lambda c, p: f"pvc://{c}/{p}", label, st.lists(clean_segment, max_size=3).map("/".join)
+) | st.builds(lambda b, p: f"s3://{b}/{p}", label, clean_segment)
+any_uri = uri
+uri = mostly(clean_uri, any_uri)
 quantity = st.from_regex(
     r"\A[0-9]{1,12}(\.[0-9]{1,6})?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?\Z"
 ) | st.sampled_from(["0", "500m", "64Gi", "999999999999.999999Ei"])
@@ -106,7 +126,10 @@ hyperparameters = opt(
 dataset = st.fixed_dictionaries(
     {"uri": uri},
     optional={
-        "format": st.sampled_from(["text", "jsonl", "alpaca", "chat", "qa"]),
+        "format": mostly(
+            st.sampled_from(["text", "jsonl", "alpaca", "chat"]),
+            st.sampled_from(["text", "jsonl", "alpaca", "chat", "qa"]),
+        ),
         "textField": text_field,
     },
 )
@@ -121,7 +144,7 @@ lora = opt(
     targetModules=st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3)
     | st.sampled_from([["q_proj"] * 64, ["a" * 128] * 64]),
 )
-evaluation = st.fixed_dictionaries(
+any_evaluation = st.fixed_dictionaries(
     {
         "datasets": st.lists(
             st.fixed_dictionaries(
@@ -145,7 +168,25 @@ evaluation = st.fixed_dictionaries(
         "maxNewTokens": st.sampled_from([1, 48, 1024]),
     },
 )
-resources = opt(
+clean_quantity = st.sampled_from(["500m", "2", "16", "8Gi", "64Gi", "1.5"])
+clean_resources = st.one_of(
+    opt(
+        nodePool=st.just("a100-80g"),
+        gpus=st.sampled_from([1, 8, 16, 32]),
+        cpu=clean_quantity,
+        memory=clean_quantity,
+        parallelism=st.sampled_from(["auto", "ddp", "fsdp"]),
+    ),
+    opt(
+        nodePool=st.just("a100-80g"),
+        nodes=st.sampled_from([1, 2, 4]),
+        gpusPerNode=st.sampled_from([1, 8]),
+        cpu=clean_quantity,
+        memory=clean_quantity,
+    ),
+    opt(nodePool=st.just("cpu"), cpu=clean_quantity, memory=clean_quantity),
+)
+any_resources = opt(
     nodePool=st.sampled_from(["a100-80g", "cpu", "nope"]),
     gpus=st.sampled_from([0, 1, 8, 16, 4096]),
     nodes=st.sampled_from([1, 2, 4, 5, 512]),
@@ -154,6 +195,22 @@ resources = opt(
     memory=quantity,
     parallelism=st.sampled_from(["auto", "ddp", "fsdp"]),
 )
+resources = mostly(clean_resources, any_resources)
+clean_evaluation = st.fixed_dictionaries(
+    {
+        "datasets": st.lists(
+            st.fixed_dictionaries(
+                {"name": label, "uri": uri},
+                optional={"format": st.sampled_from(["text", "jsonl", "alpaca", "chat", "qa"])},
+            ),
+            min_size=1,
+            max_size=3,
+            unique_by=lambda d: d["name"],
+        )
+    },
+    optional={"gate": opt(maxPerplexityRatio=st.floats(min_value=1e-3, max_value=100))},
+)
+evaluation = mostly(clean_evaluation, any_evaluation)
 spec = st.fixed_dictionaries(
     {
         "baseModel": st.fixed_dictionaries({"uri": uri}),
@@ -207,6 +264,7 @@ class Server:
     api: client.ApiClient
     namespace: str
     pool: ThreadPoolExecutor
+    accounts: set[str] = dataclasses.field(default_factory=set)
 
     def create_job(self, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
         """The job as the apiserver would store it (defaults applied), or None if refused."""
@@ -226,6 +284,8 @@ class Server:
         return out
 
     def ensure_account(self, name: str) -> None:
+        if name in self.accounts:
+            return
         try:
             client.CoreV1Api(self.api).create_namespaced_service_account(
                 self.namespace,
@@ -244,6 +304,7 @@ class Server:
             ),
             timeout=30,
         )
+        self.accounts.add(name)
 
     def dry_run(self, obj: dict[str, Any]) -> str | None:
         """The apiserver's refusal of ``obj``, or None when it takes it."""
@@ -258,11 +319,18 @@ class Server:
             "Lease": client.CoordinationV1Api(self.api).patch_namespaced_lease,
             "NetworkPolicy": client.NetworkingV1Api(self.api).patch_namespaced_network_policy,
         }
+        # the answer's body is not needed: not parsing it into the client's models saves
+        # most of the client's time
         try:
             if kind == "Pod":
-                core.create_namespaced_pod(ns, obj, dry_run="All")  # type: ignore[arg-type]
+                r = core.create_namespaced_pod(
+                    ns,
+                    obj,  # type: ignore[arg-type]
+                    dry_run="All",
+                    _preload_content=False,
+                )
             else:
-                apply[kind](  # a new kind of child fails here on purpose: add it above
+                r = apply[kind](  # a new kind of child fails here on purpose: add it above
                     name,
                     ns,
                     obj,
@@ -270,7 +338,10 @@ class Server:
                     field_manager="graft-operator",
                     force=True,
                     _content_type="application/apply-patch+yaml",
+                    _preload_content=False,
                 )
+            r.read()
+            r.release_conn()
         except client.ApiException as e:
             return f"{kind} {name}: {e.status} {e.body}"
         return None
@@ -281,7 +352,7 @@ def server(k8s: client.ApiClient) -> Iterator[Server]:
     ns = f"prop-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(k8s)
     core.create_namespace({"metadata": {"name": ns}})  # type: ignore[arg-type]
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(8) as pool:
         yield Server(k8s, ns, pool)
     core.delete_namespace(ns)
 
@@ -337,12 +408,12 @@ def check(server: Server, name: str, body: dict[str, Any], seen: Counter[str]) -
 
 def test_what_the_apiserver_accepts_is_refused_visibly_or_built_validly(server: Server) -> None:
     seen: Counter[str] = Counter()
-    # a quarter of the names, and rare values elsewhere (checkpoint.every), the schema refuses
-    name = st.one_of(
-        subdomain,
-        subdomain,
-        st.sampled_from(["job", "llama.v2", "0", "7b-sft", "a" * 63]),
-        st.sampled_from(["a" * 254, "A", "a_b", "-a", "a..b", "a."]),
+    # Mostly a few valid names (edge cases among them), so that the trainer ServiceAccounts
+    # the dry-run pods need are made once each; otherwise any subdomain, or one the schema
+    # refuses.
+    name = mostly(
+        st.sampled_from(["job", "llama.v2", "0", "7b-sft", "a" * 63, "b" * 253, "x.y-z.9"]),
+        st.one_of(subdomain, st.sampled_from(["a" * 254, "A", "a_b", "-a", "a..b", "a."])),
     )
 
     @settings(
@@ -358,6 +429,9 @@ def test_what_the_apiserver_accepts_is_refused_visibly_or_built_validly(server: 
 
     prop()
     print(dict(seen))
-    # the property means something only if many examples get through both gates
-    assert seen["children accepted"] >= EXAMPLES // 10, dict(seen)
-    assert seen["refused by the schema"] >= EXAMPLES // 20, dict(seen)
+    # the property means something only if most examples get through both gates, while
+    # each kind of refusal is still tried
+    assert seen["children accepted"] >= EXAMPLES // 2, dict(seen)
+    assert seen["refused by the schema"] >= EXAMPLES // 50, dict(seen)
+    assert seen["refused by decide: StorageNotAllowed"] >= EXAMPLES // 100, dict(seen)
+    assert seen["refused by decide: InvalidSpec"] >= EXAMPLES // 100, dict(seen)
