@@ -22,6 +22,32 @@ SHARED = REPO_ROOT.parent / "shared"
 KUBERAY = SHARED / "thirdparty" / "kuberay"
 
 
+#: ``--cpu-hogs N`` (or GRAFT_TEST_CPU_HOGS=N): N processes that spin on the CPU for the
+#: whole session, so that the tests run as on a busy node (``make test-under-load``).
+HOG = "while True:\n    pass\n"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-hogs",
+        type=int,
+        default=int(os.environ.get("GRAFT_TEST_CPU_HOGS") or 0),
+        help="busy processes to run beside the tests (default GRAFT_TEST_CPU_HOGS or 0)",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_hogs(request: pytest.FixtureRequest) -> Iterator[int]:
+    count = int(request.config.getoption("--cpu-hogs"))
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(count)]
+    try:
+        yield count
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """etcd + kube-apiserver + controller-manager + scheduler, with the CRDs installed."""

@@ -16,6 +16,7 @@ from kubernetes import client
 from graft.builders import naming
 from graft.testing.cluster import FakeKubelet, wait_for
 from graft.testing.controlplane import ControlPlane
+from graft.testing.faultproxy import Fault, FaultProxy
 from graft.testing.operator import OperatorProcess
 
 pytestmark = pytest.mark.integration
@@ -231,6 +232,61 @@ def test_a_transient_pod_create_error_is_retried_until_it_succeeds(
         assert jobs.pods(name) == []
     jobs.wait_scheduled(name, 1, 1, timeout=60)
     assert jobs.status(name)["attempt"] == 1
+
+
+def test_transient_500s_and_409s_on_child_creates_are_retried(
+    control_plane: ControlPlane,
+    k8s: client.ApiClient,
+    kubelet: FakeKubelet,
+    nodes: NodeFactory,
+    tmp_path: Any,
+) -> None:
+    """Between the operator and the apiserver, a proxy fails the first applies of the
+    trainer's ServiceAccount (500, as while its token does not exist) and ConfigMap (409,
+    a field-manager conflict), and the first creates of the Pod (twice 500, then a 409 as
+    if it existed already): the job must still get its Pod, once, and be Accepted."""
+    ns = f"f-{uuid.uuid4().hex[:8]}"
+    client.CoreV1Api(k8s).create_namespace({"metadata": {"name": ns}})  # type: ignore[arg-type]
+    for claim in CLAIMS:
+        kubelet.add_bound_claim(ns, claim)
+    base = f"/api/v1/namespaces/{ns}"
+    token = (
+        'No API token found for service account "flaky-trainer", retry after the token is '
+        "automatically created and added to the service account"
+    )
+    faults = [
+        Fault("PATCH", f"^{base}/serviceaccounts/", 500, "etcdserver: request timed out", 2),
+        Fault("PATCH", f"^{base}/configmaps/", 409, 'Apply failed with 1 conflict: "kubectl"', 2),
+        Fault("POST", f"^{base}/pods$", 500, token, 2),
+        Fault("POST", f"^{base}/pods$", 409, 'pods "flaky-a1-r0" already exists', 1),
+    ]
+    proxy = FaultProxy(control_plane, faults, tmp_path).start()
+    op = OperatorProcess(
+        control_plane,
+        tmp_path,
+        extra_env={"GRAFT_WATCH_NAMESPACES": ns, "KUBECONFIG": str(proxy.kubeconfig)},
+    )
+    jobs = Jobs(k8s, kubelet, ns)
+    try:
+        op.start()
+        nodes(a100=1)
+        t0 = time.monotonic()
+        jobs.create(job("flaky", resources={"nodes": 1, "gpusPerNode": 8}))
+        jobs.wait_scheduled("flaky", 1, 1, timeout=60)
+        took = time.monotonic() - t0
+        assert [f.hits for f in faults] == [f.times for f in faults], op.log()
+        c = jobs.wait_cond("flaky", "Accepted")
+        assert jobs.status("flaky")["attempt"] == 1
+        assert len(jobs.pods("flaky", live=False)) == 1, "a duplicate pod was created"
+        print(f"\n[retries] 7 injected faults, job Accepted with its Pod in {took:.1f}s: {c}")
+    finally:
+        op.stop()
+        proxy.stop()
+        client.CustomObjectsApi(k8s).delete_collection_namespaced_custom_object(
+            "graft.dev", "v1alpha1", ns, "finetunejobs"
+        )
+        kubelet.force_delete_pods(ns)
+        client.CoreV1Api(k8s).delete_namespace(ns)
 
 
 def test_bad_storage_is_refused_by_the_schema_or_visibly_before_any_pod(

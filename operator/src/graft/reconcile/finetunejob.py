@@ -63,6 +63,8 @@ from graft.validation import InvalidSpec, cluster_uri_problem, parse_spec
 
 log = logging.getLogger(__name__)
 T = ConditionType
+#: After a Pod create answered 409 (exists), the next pass checks that it really does.
+POD_RECHECK_SECONDS = 2.0
 
 
 @dataclasses.dataclass
@@ -929,6 +931,11 @@ class FineTuneJobReconciler:
             finally:
                 if not created:  # someone else's Pod, or none: its events are news
                     self._pod_digests.pop(key, None)
+            if not created:
+                # A 409 says a Pod of that name exists, but it may be gone by now, and if
+                # it never existed no event will come: look again soon.
+                wake = POD_RECHECK_SECONDS
+                plan.requeue_after = min(plan.requeue_after or wake, wake)
         patch = status_patch(dict(body.get("status") or {}), plan.status)
         if patch:
             job = str(body["metadata"]["name"])
