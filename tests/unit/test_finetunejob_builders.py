@@ -156,6 +156,7 @@ def test_two_nodes_of_eight_gpus_whole_pod() -> None:
                         {"name": "GRAFT_PROGRESS_LEASE", "value": "llama-sft-progress"},
                         {"name": "GRAFT_HEARTBEAT_INTERVAL_SECONDS", "value": "30"},
                         {"name": "GRAFT_TERMINATION_LOG", "value": "/dev/termination-log"},
+                        {"name": "OMP_NUM_THREADS", "value": "4"},
                     ],
                     "ports": [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}],
                     "resources": {
@@ -227,6 +228,16 @@ def test_single_cpu_rank() -> None:
     assert "affinity" not in spec
     assert spec["nodeSelector"] == {"graft.dev/pool": "cpu"}
     assert "tolerations" not in spec
+    assert env_of(pod)["OMP_NUM_THREADS"] == "2"
+
+
+def test_threads_follow_the_cpu_limit_not_the_node() -> None:
+    """Fractions round down to at least one thread; GPUs share the rank's CPUs."""
+    for cpu, threads in (("500m", "1"), ("1500m", "1"), ("3", "3")):
+        job = FineTuneJobBuilder("tiny").pool("cpu").cpu(cpu, "4Gi").obj()
+        placement = place(job.spec.resources, SETTINGS.node_pools)
+        (pod,) = build_pods(job, placement, cpu_pool(), 1, None, SETTINGS, avoid_nodes=[])
+        assert env_of(pod)["OMP_NUM_THREADS"] == threads, cpu
 
 
 def test_kueue_labels() -> None:
