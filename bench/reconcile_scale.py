@@ -315,7 +315,8 @@ def drop_namespace(api: client.ApiClient, ns: str) -> None:
     with contextlib.suppress(client.ApiException):  # 504 on thousands: the namespace goes
         custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
     core = client.CoreV1Api(api)
-    core.delete_collection_namespaced_pod(ns, grace_period_seconds=0)
+    with contextlib.suppress(client.ApiException):
+        core.delete_collection_namespaced_pod(ns, grace_period_seconds=0)
     core.delete_namespace(ns)
     # the next run must not share the machine with this garbage collection
     deadline = time.monotonic() + 600
