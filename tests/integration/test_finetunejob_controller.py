@@ -240,6 +240,7 @@ def test_transient_500s_and_409s_on_child_creates_are_retried(
     kubelet: FakeKubelet,
     nodes: NodeFactory,
     tmp_path: Any,
+    operator_process: OperatorProcess,
 ) -> None:
     """Between the operator and the apiserver, a proxy fails the first applies of the
     trainer's ServiceAccount (500, as while its token does not exist) and ConfigMap (409,
@@ -260,6 +261,9 @@ def test_transient_500s_and_409s_on_child_creates_are_retried(
         Fault("POST", f"^{base}/pods$", 500, token, 2),
         Fault("POST", f"^{base}/pods$", 409, 'pods "flaky-a1-r0" already exists', 1),
     ]
+    # the session's operator watches every namespace and would make the children itself,
+    # past the proxy: it is paused for this test
+    operator_process.stop()
     proxy = FaultProxy(control_plane, faults, tmp_path).start()
     op = OperatorProcess(
         control_plane,
@@ -287,6 +291,7 @@ def test_transient_500s_and_409s_on_child_creates_are_retried(
         )
         kubelet.force_delete_pods(ns)
         client.CoreV1Api(k8s).delete_namespace(ns)
+        operator_process.start()
 
 
 def test_bad_storage_is_refused_by_the_schema_or_visibly_before_any_pod(
