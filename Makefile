@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 K8S_CACHE ?= $(HOME)/.cache/graft/k8s-v1.20.2
 
 .PHONY: help venv control-plane helm test test-unit test-integration lint crds chart-test \
-        demo bench e2e e2e-kind images test-images clean
+        demo bench e2e e2e-containers e2e-kind images test-images clean
 
 help:
 	@echo "make demo         train + serve a tiny model end to end, no cluster needed"
@@ -18,6 +18,7 @@ help:
 	@echo "make crds         regenerate crds/ and the chart's copy from graft.api"
 	@echo "make chart-test   helm lint + render tests"
 	@echo "make e2e          whole-system tests (operator + fake A100 nodes + real training)"
+	@echo "make e2e-containers  real kubelets on Docker run the built images (after make images; root)"
 	@echo "make bench        benchmarks; figures printed and written to bench/results/"
 	@echo "make images       build graft-operator, graft-trainer, graft-server (Docker; FLAVOUR=cpu|cuda)"
 	@echo "make test-images  run the built images as their pods would (tests/images)"
@@ -63,7 +64,11 @@ demo: venv
 	$(PY) -m graft.demo
 
 e2e: venv control-plane helm
-	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest e2e $(PYTEST_ARGS)
+	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest e2e --ignore=e2e/containers $(PYTEST_ARGS)
+
+# Real kubelets (built once by hack/build-node.sh) run the images `make images` built.
+e2e-containers: venv control-plane helm
+	GRAFT_E2E_CONTAINERS=require GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest e2e/containers $(PYTEST_ARGS)
 
 e2e-kind:
 	bash e2e/kind/run.sh

@@ -91,6 +91,14 @@ class ControlPlane:
     assets: Path
     state_dir: Path
     controllers: bool = True
+    #: Where the apiserver listens and what it advertises. Loopback for the process-kubelet
+    #: tiers; a test bridge's address when real kubelets run pods that must reach it.
+    address: str = "127.0.0.1"
+    #: Real kubelets post node status: run the node lifecycle controller (NotReady after
+    #: ``node_grace_seconds`` without a heartbeat) and keep the admission plugins that
+    #: fake nodes cannot satisfy.
+    real_nodes: bool = False
+    node_grace_seconds: int = 16
     api_port: int = field(default_factory=free_port)
     etcd_port: int = field(default_factory=free_port)
     etcd_peer_port: int = field(default_factory=free_port)
@@ -98,7 +106,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.address}:{self.api_port}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -156,7 +164,9 @@ class ControlPlane:
             cwd=pki,
         )
         (pki / "ext.cnf").write_text(
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.0.1\n"
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.0.0.1"
+            + ("" if self.address == "127.0.0.1" else f",IP:{self.address}")
+            + "\n"
         )
         _openssl(
             "x509",
@@ -178,6 +188,33 @@ class ControlPlane:
         )
         (pki / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin-uid,"system:masters"\n')
 
+    def client_kubeconfig(self, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig with a client certificate for ``user`` (and ``groups``) signed by the
+        cluster's CA: how a kubelet (``system:node:<name>`` in ``system:nodes``) or kube-proxy
+        (``system:kube-proxy``) authenticates, with the rights Kubernetes gives those names."""
+        pki = self.state_dir / "pki"
+        stem = "client-" + "".join(c if c.isalnum() else "-" for c in user)
+        subj = "".join(f"/O={g}" for g in groups) + f"/CN={user}"
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{stem}.key",
+            "-out", f"{stem}.csr", "-subj", subj, cwd=pki,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{stem}.crt", "-days", "30", cwd=pki,
+        )  # fmt: skip
+        path = self.state_dir / f"{stem}.kubeconfig"
+        path.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: graft-test, cluster: {{server: '{self.server}', "
+            f"certificate-authority: '{self.ca_file}'}}}}]\n"
+            f"users: [{{name: u, user: {{client-certificate: '{pki / stem}.crt', "
+            f"client-key: '{pki / stem}.key'}}}}]\n"
+            "contexts: [{name: graft-test, context: {cluster: graft-test, user: u}}]\n"
+            "current-context: graft-test\n"
+        )
+        return path
+
     def _write_kubeconfig(self) -> None:
         self.kubeconfig.write_text(
             "apiVersion: v1\nkind: Config\n"
@@ -187,6 +224,10 @@ class ControlPlane:
             "contexts: [{name: graft-test, context: {cluster: graft-test, user: admin}}]\n"
             "current-context: graft-test\n"
         )
+
+    @property
+    def _loopback(self) -> bool:
+        return self.address.startswith("127.")
 
     def _spawn(self, name: str, argv: Sequence[str]) -> None:
         logs = self.state_dir / "logs"
@@ -251,9 +292,9 @@ class ControlPlane:
         api_args = [
             apiserver,
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            "--bind-address=127.0.0.1",
+            f"--bind-address={self.address}",
             f"--secure-port={self.api_port}",
-            "--advertise-address=127.0.0.1",
+            f"--advertise-address={self.address}",
             f"--tls-cert-file={pki}/apiserver.crt",
             f"--tls-private-key-file={pki}/apiserver.key",
             f"--client-ca-file={pki}/ca.crt",
@@ -264,7 +305,7 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc",
             "--service-cluster-ip-range=10.0.0.0/24",
             # 127.0.0.1 is refused as an endpoint IP of the kubernetes Service
-            "--endpoint-reconciler-type=none",
+            "--endpoint-reconciler-type=" + ("none" if self._loopback else "lease"),
             "--allow-privileged=true",
             f"--cert-dir={pki}/gen",
             "--v=1",
@@ -273,7 +314,9 @@ class ControlPlane:
             api_args.append("--insecure-port=0")
         # without a kubelet, fake nodes would keep a not-ready taint
         disabled = [
-            p for p in ("TaintNodesByCondition", "StorageObjectInUseProtection") if p in api_help
+            p
+            for p in ("TaintNodesByCondition", "StorageObjectInUseProtection")
+            if p in api_help and not self.real_nodes
         ]
         if disabled:
             api_args.append("--disable-admission-plugins=" + ",".join(disabled))
@@ -292,8 +335,18 @@ class ControlPlane:
             "--use-service-account-credentials=true",
             "--leader-elect=false",
             "--v=1",
-            "--controllers=*," + ",".join(f"-{c}" for c in _DISABLED_CONTROLLERS),
+            "--controllers=*,"
+            + ",".join(
+                f"-{c}"
+                for c in _DISABLED_CONTROLLERS
+                if not (self.real_nodes and c == "nodelifecycle")
+            ),
         ]
+        if self.real_nodes:
+            kcm_args += [
+                f"--node-monitor-grace-period={self.node_grace_seconds}s",
+                "--node-monitor-period=2s",
+            ]
         if re.search(r"--port int", _help(kcm)):
             kcm_args.append("--port=0")
         self._spawn("controller-manager", kcm_args)
