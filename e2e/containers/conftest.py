@@ -237,4 +237,15 @@ def operator_release(
         pods = core.list_namespaced_pod(RELEASE_NS).items
         raise AssertionError(f"helm install failed: {r.stderr}\npods: {[p.status for p in pods]}")
     (pod,) = core.list_namespaced_pod(RELEASE_NS).items
+    # the chart's pod runs restricted: non-root (65532), read-only root, no capabilities
+    node = nodes[pod.spec.node_name]
+    (cid,) = node.docker(
+        "ps", "-q", "--filter", f"label=io.kubernetes.pod.uid={pod.metadata.uid}",
+        "--filter", "label=io.kubernetes.container.name=operator",
+    ).split()  # fmt: skip
+    assert node.docker("exec", cid, "id", "-u").strip() == "65532"
+    seen = node.docker(
+        "inspect", cid, "--format", "{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}}"
+    )
+    assert seen.split() == ["true", "[ALL]"], seen
     return str(pod.spec.node_name)
