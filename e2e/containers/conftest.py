@@ -32,10 +32,10 @@ from graft.testing.cluster import A100_LABELS, api_client, wait_for
 from graft.testing.controlplane import ControlPlane, ControlPlaneError, find_assets
 from graft.testing.docker_nodes import (
     ApiDnsmasq,
+    BridgeNetwork,
     DockerNode,
     HostKubeProxy,
     NodeSetupError,
-    TestNetwork,
     node_binaries,
     node_ready,
     pause_image_tar,
@@ -109,8 +109,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def network(host_ready: Path) -> Iterator[TestNetwork]:
-    net = TestNetwork(nodes=len(NODES))
+def network(host_ready: Path) -> Iterator[BridgeNetwork]:
+    net = BridgeNetwork(nodes=len(NODES))
     try:
         net.up()
     except NodeSetupError as e:
@@ -123,7 +123,7 @@ def network(host_ready: Path) -> Iterator[TestNetwork]:
 
 
 @pytest.fixture(scope="session")
-def control_plane(network: TestNetwork, workdir: Path) -> Iterator[ControlPlane]:
+def control_plane(network: BridgeNetwork, workdir: Path) -> Iterator[ControlPlane]:
     try:
         cp = ControlPlane(
             assets=find_assets(),
@@ -149,7 +149,7 @@ def k8s(control_plane: ControlPlane) -> client.ApiClient:
 @pytest.fixture(scope="session")
 def nodes(
     host_ready: Path,
-    network: TestNetwork,
+    network: BridgeNetwork,
     control_plane: ControlPlane,
     k8s: client.ApiClient,
     workdir: Path,

@@ -5,7 +5,7 @@ of its own: one daemon cannot serve two kubelets, since each kubelet kills the p
 containers it does not own. What one host needs for several nodes, and what stands in for
 the cluster add-ons, all named for what they are:
 
-- ``TestNetwork``: Linux bridges the test creates, one per node (its pods' subnet) and one
+- ``BridgeNetwork``: Linux bridges the test creates, one per node (its pods' subnet) and one
   for the control plane and DNS. Nothing listens outside them or loopback.
 - ``DockerNode``: a ``dockerd`` on the node's bridge, its images loaded from the host
   daemon (``imagePullPolicy: Never``), and the kubelet with a ``system:node:<name>`` client
@@ -25,13 +25,12 @@ import contextlib
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +107,7 @@ def _stop(
 
 
 @dataclass
-class TestNetwork:
+class BridgeNetwork:
     """Bridges ``graft-br0`` (control plane, DNS) and ``graft-br<n>`` (node n's pods), routed
     to each other through the host and to nothing else."""
 
@@ -177,7 +176,7 @@ class DockerNode:
 
     name: str
     index: int
-    network: TestNetwork
+    network: BridgeNetwork
     control_plane: ControlPlane
     root: Path
     labels: dict[str, str] = field(default_factory=dict)
@@ -214,7 +213,7 @@ class DockerNode:
             self.root / "dockerd.log",
         )
         deadline = time.monotonic() + 60
-        while self.docker("version", check=False).strip() == "" or not self._docker_up():
+        while not self._docker_up():
             if self.dockerd.poll() is not None or time.monotonic() > deadline:
                 raise NodeSetupError(
                     f"dockerd for {self.name} did not start; see {self.root}/dockerd.log"
@@ -451,14 +450,6 @@ class ApiDnsmasq:
     def stop(self) -> None:
         self._stop.set()
         _stop(self.proc)
-
-
-@contextlib.contextmanager
-def removed_on_exit(path: Path) -> Iterator[Path]:
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def node_ready(core: client.CoreV1Api, name: str) -> bool:
