@@ -36,6 +36,16 @@ def ns(k8s: client.ApiClient, fake_nodes: FakeKubelet) -> Iterator[str]:
     name = f"pk-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(k8s)
     core.create_namespace({"metadata": {"name": name}})  # type: ignore[arg-type]
+    # A Pod created before the token controller gives the namespace's default
+    # ServiceAccount its token is refused (500 "No API token found"): wait for the token.
+
+    def default_token() -> bool:
+        try:
+            return bool(core.read_namespaced_service_account("default", name).secrets)
+        except client.ApiException:
+            return False
+
+    wait_for(f"the default ServiceAccount's token in {name}", default_token, timeout=60)
     fake_nodes.add_bound_claim(name, "shared")
     core.create_namespaced_config_map(
         name,
