@@ -84,12 +84,14 @@ def kill_and_compare(
     job_kw: dict[str, Any],
     steps_per_stage: int,
     n_stages: int,
+    kill_at: int | None = None,
 ) -> None:
     ref_job = make_job(assets, tmp_path / "ref", **job_kw)
     ref = launch_local(ref_job, nproc=nproc, workdir=tmp_path / "ref-run", env=env_for(tmp_path))
     assert ref.exit_code == 0, ref.termination
     seed = int(os.environ.get("GRAFT_TEST_SEED", time.time_ns() % 10_000))
-    kill_at = random.Random(seed).randint(2, steps_per_stage * n_stages - 1)
+    if kill_at is None:
+        kill_at = random.Random(seed).randint(2, steps_per_stage * n_stages - 1)
     job = make_job(assets, tmp_path / "victim", **job_kw)
     code = run_killed(job, tmp_path / "victim-run", nproc, kill_at, steps_per_stage)
     assert code != 0
@@ -98,24 +100,31 @@ def kill_and_compare(
     assert_same(weights(tmp_path / "ref" / "output"), weights(tmp_path / "victim" / "output"))
 
 
+TWO_STAGE_LORA: dict[str, Any] = {
+    "method": "lora",
+    "dropout": 0.1,
+    "max_steps": 8,
+    "every": 3,
+    "lr": 1e-2,
+    "stages": [("ContinuedPretraining", "cpt", "text"), ("SFT", "alpaca", "alpaca")],
+}
+
+
 @pytest.mark.slow
 def test_kill9_single_process_resumes_bitwise(
     assets: dict[str, Path], tmp_path: Path, quiet_env: None
 ) -> None:
+    kill_and_compare(assets, tmp_path, 1, TWO_STAGE_LORA, steps_per_stage=8, n_stages=2)
+
+
+@pytest.mark.slow
+def test_kill9_after_a_completed_stage_resumes_bitwise(
+    assets: dict[str, Path], tmp_path: Path, quiet_env: None
+) -> None:
+    """Killed in stage 2 before its first checkpoint: the resume starts from stage 1's
+    completed checkpoint, and stage 2's dropout must draw what the uninterrupted run drew."""
     kill_and_compare(
-        assets,
-        tmp_path,
-        1,
-        {
-            "method": "lora",
-            "dropout": 0.1,
-            "max_steps": 8,
-            "every": 3,
-            "lr": 1e-2,
-            "stages": [("ContinuedPretraining", "cpt", "text"), ("SFT", "alpaca", "alpaca")],
-        },
-        steps_per_stage=8,
-        n_stages=2,
+        assets, tmp_path, 1, TWO_STAGE_LORA, steps_per_stage=8, n_stages=2, kill_at=9
     )
 
 

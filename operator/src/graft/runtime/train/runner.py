@@ -419,9 +419,12 @@ class Trainer:
             scheduler.load_state_dict(load_tensors(ckpt_dir / "scheduler.pt"))
             if scaler is not None and (ckpt_dir / "scaler.pt").exists():
                 scaler.load_state_dict(load_tensors(ckpt_dir / "scaler.pt"))
-            rng = load_rng_state(ckpt_dir, d.rank, self.env.allow_legacy_pickle)
-            if rng is not None:
-                set_rng_state(rng)
+        # Every load restores the RNGs, the weights-only one included: a run resumed from a
+        # completed stage starts the next stage with the dropout stream the uninterrupted run
+        # had there, not the one left by initializing LoRA.
+        rng = load_rng_state(ckpt_dir, d.rank, self.env.allow_legacy_pickle)
+        if rng is not None:
+            set_rng_state(rng)
 
     # --- the run ---------------------------------------------------------------------
     _fsdp = False
