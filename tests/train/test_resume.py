@@ -123,9 +123,7 @@ def test_kill9_after_a_completed_stage_resumes_bitwise(
 ) -> None:
     """Killed in stage 2 before its first checkpoint: the resume starts from stage 1's
     completed checkpoint, and stage 2's dropout must draw what the uninterrupted run drew."""
-    kill_and_compare(
-        assets, tmp_path, 1, TWO_STAGE_LORA, steps_per_stage=8, n_stages=2, kill_at=9
-    )
+    kill_and_compare(assets, tmp_path, 1, TWO_STAGE_LORA, steps_per_stage=8, n_stages=2, kill_at=9)
 
 
 @pytest.mark.slow
