@@ -110,19 +110,28 @@ async def graft_nodes(name: str, status: kopf.Status, **_: Any) -> dict[Any, Any
     return {name: {"metadata": {"name": name}, "status": {"conditions": ready}}}
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-async def job_changed(
-    name: str, namespace: str | None, body: kopf.Body, memo: Any, **kwargs: Any
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def job_event(
+    type: str | None,
+    name: str,
+    namespace: str | None,
+    body: kopf.Body,
+    memo: Any,
+    **kwargs: Any,
 ) -> None:
-    await _reconciler(memo, kwargs).reconcile(str(namespace), name, body)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-async def job_deleted(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
-    # Children go with owner references; only in-memory state is left to drop.
-    memo.finetunejobs.forget(str(namespace), name)
+    """Every watch event of a FineTuneJob: the list after a (re)start, a create, a change of
+    spec, a deletion. A pass runs when the job is new to this process or its generation
+    moved; the echoes of our own status writes run none. Kopf's change handlers would add a
+    bookkeeping PATCH per change and a diff per event (docs/operator.md)."""
+    rec = _reconciler(memo, kwargs)
+    ns = str(namespace)
+    if type == "DELETED":
+        # Children go with owner references; only in-memory state is left to drop.
+        rec.forget(ns, name)
+        return
+    if rec.spec_seen(ns, name, body):
+        return
+    await rec.reconcile_or_retry(ns, name, body)
 
 
 @kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 T = ConditionType
 #: After a Pod create answered 409 (exists), the next pass checks that it really does.
 POD_RECHECK_SECONDS = 2.0
+#: A failed pass (an apiserver error) is tried again after this long, or the error's delay.
+RETRY_SECONDS = 5.0
 
 
 @dataclasses.dataclass
@@ -779,11 +781,25 @@ class FineTuneJobReconciler:
         #: (namespace, job) -> resourceVersion of this process's last status write, until
         #: the watch has delivered a version at least that new (``_fresh``)
         self._written: dict[tuple[str, str], int] = {}
+        #: (namespace, job) -> (uid, generation) of the job's last event that started a pass
+        self._specs: dict[tuple[str, str], tuple[str, int]] = {}
 
     def use_indexes(
         self, pods: Mapping[Any, Any], nodes: Mapping[Any, Any], leases: Mapping[Any, Any]
     ) -> None:
         self.pods_index, self.nodes_index, self.leases_index = pods, nodes, leases
+
+    def spec_seen(self, namespace: str, name: str, job: Mapping[str, Any]) -> bool:
+        """True when a pass already ran for this job's uid and spec generation, so its watch
+        event (most often the echo of a status write) needs none; remembers it otherwise.
+        A job new to this process (created, or listed after a restart) always gets a pass."""
+        meta = job.get("metadata") or {}
+        mark = (str(meta.get("uid")), int(meta.get("generation") or 0))
+        key = (namespace, name)
+        if self._specs.get(key) == mark:
+            return True
+        self._specs[key] = mark
+        return False
 
     def pod_seen(self, namespace: str, name: str, pod: Mapping[str, Any] | None) -> bool:
         """True when a pass has already seen this state of the Pod (None: it was deleted),
@@ -838,6 +854,7 @@ class FineTuneJobReconciler:
     def forget(self, namespace: str, name: str) -> None:
         self._passes.forget((namespace, name))
         self._written.pop((namespace, name), None)
+        self._specs.pop((namespace, name), None)
         timer = self._timers.pop((namespace, name), None)
         if timer:
             timer.cancel()
@@ -852,18 +869,22 @@ class FineTuneJobReconciler:
             delay, lambda: asyncio.ensure_future(self.reconcile_or_retry(namespace, name))
         )
 
-    async def reconcile_or_retry(self, namespace: str, name: str) -> None:
-        """A pass that no Kopf retry wraps (timers, Pod and Node events): log a failure and
-        try again later, so a temporary error never strands the job."""
+    async def reconcile_or_retry(
+        self, namespace: str, name: str, body: Mapping[str, Any] | None = None
+    ) -> None:
+        """A pass (from the job's, its Pods' or a Node's events, or a timer): a failure is
+        logged and the pass tried again later, so a temporary error never strands the job."""
         try:
-            await self.reconcile(namespace, name)
+            await self.reconcile(namespace, name, body)
         except Exception as e:
             metrics.RECONCILES.labels(KIND, "error").inc()
+            delay = float(getattr(e, "delay", None) or RETRY_SECONDS)
             log.warning(
-                "timed reconcile failed; retrying in 5s",
+                "reconcile failed; retrying in %.0fs",
+                delay,
                 extra={"job": f"{namespace}/{name}", "error": str(e)},
             )
-            self._requeue(namespace, name, 5.0)
+            self._requeue(namespace, name, delay)
 
     async def _pass(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
         t0 = asyncio.get_running_loop().time()
@@ -928,6 +949,16 @@ class FineTuneJobReconciler:
             created = False
             try:
                 created = await self.kube.create_pod(pod)
+            except kopf.TemporaryError as e:
+                # A 5xx on a Pod create (on v1.20 most often "No API token found": the new
+                # ServiceAccount has no token yet) leaves the rest of the pass good: the status
+                # below records the attempt, and the next pass re-creates only the missing
+                # ranks (observe_gang) instead of a Kopf retry re-applying every child.
+                log.info(
+                    "Pod create failed for now; the missing rank is re-created in %.0fs",
+                    POD_RECHECK_SECONDS,
+                    extra={"pod": f"{key[0]}/{key[1]}", "error": str(e)},
+                )
             finally:
                 if not created:  # someone else's Pod, or none: its events are news
                     self._pod_digests.pop(key, None)
