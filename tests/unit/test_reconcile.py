@@ -401,6 +401,31 @@ def test_a_burst_of_triggers_costs_two_passes() -> None:
     assert passes == 2
 
 
+def test_passes_of_many_jobs_run_at_most_max_concurrent_passes_at_once() -> None:
+    import asyncio
+
+    settings = load_settings({"GRAFT_MAX_CONCURRENT_PASSES": "3"})
+    rec = ftj.FineTuneJobReconciler(kube=None, settings=settings)  # type: ignore[arg-type]
+    running, peak, done = 0, 0, []
+
+    async def fake_pass(namespace: str, name: str, body: Any = None) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        done.append(name)
+
+    rec._pass = fake_pass  # type: ignore[method-assign]
+
+    async def burst() -> None:
+        await asyncio.gather(*(rec.reconcile("ns", f"j{i}") for i in range(10)))
+
+    asyncio.run(burst())
+    assert peak == 3
+    assert sorted(done) == sorted(f"j{i}" for i in range(10))
+
+
 # Visible refusals: every accepted spec runs or says why, before any pod -----------------
 
 

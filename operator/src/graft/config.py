@@ -93,6 +93,15 @@ class Settings(ApiModel):
         description="GRAFT_GANG_PENDING_TIMEOUT_SECONDS: ranks Pending longer than this are "
         "reported in the GangPending condition.",
     )
+    max_concurrent_passes: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="GRAFT_MAX_CONCURRENT_PASSES: FineTuneJob passes that run at once; the "
+        "others wait their turn. A burst of new jobs then finishes job by job instead of all "
+        "together, and the apiserver and the controllers it waits on (on v1.20, the token "
+        "controller) are not flooded.",
+    )
     allow_hub: bool = Field(
         default=False,
         description="GRAFT_ALLOW_HUB: true lets FineTuneJobs read hf:// URIs (the cluster "

@@ -772,6 +772,8 @@ class FineTuneJobReconciler:
         self.kube = kube
         self.settings = settings
         self._passes = Coalescer()
+        #: at most this many passes talk to the apiserver at once; the rest wait their turn
+        self._slots = asyncio.Semaphore(settings.max_concurrent_passes)
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.pods_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
         self.nodes_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
@@ -832,7 +834,8 @@ class FineTuneJobReconciler:
         given = [dict(body)] if body is not None and self._fresh(key, body) else []
 
         async def once() -> None:
-            await self._pass(namespace, name, given.pop() if given else None)
+            async with self._slots:
+                await self._pass(namespace, name, given.pop() if given else None)
 
         await self._passes.run(key, once)
 
