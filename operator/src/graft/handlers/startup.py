@@ -23,9 +23,19 @@ class LeanStatusDiffBaseStorage(kopf.StatusDiffBaseStorage):
     spec included), then drops all but the spec and metadata's labels and annotations.
     That copy was 1.8 ms of every FineTuneJob's ~25 ms of operator CPU at scale. The same
     essence comes from deep-copying only what is kept.
+
+    Kopf also builds it on every event of every other resource it watches (trainer Pods,
+    Leases, Nodes, FineTuneJobs), where nothing reads it: only ModelServices have change
+    handlers (FineTuneJobs are driven from their events, docs/operator.md). Those get none.
     """
 
+    #: the kinds with Kopf change handlers (handlers.modelservice); the only readers of it
+    CHANGE_HANDLED = frozenset({("graft.dev", "ModelService")})
+
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        group = str(body.get("apiVersion") or "").partition("/")[0]
+        if (group, body.get("kind")) not in self.CHANGE_HANDLED:
+            return None
         if extra_fields:  # a handler reacts to other fields: Kopf's own way
             return super().build(body=body, extra_fields=extra_fields)
         meta = body.get("metadata") or {}
