@@ -1,7 +1,9 @@
 """Kopf handlers for FineTuneJob and for the Pods and Nodes its gangs run on.
 
 Every trigger (the job changed, one of its Pods changed, a Node it uses changed or
-vanished) runs the same level-triggered pass of ``graft.reconcile.finetunejob``.
+vanished) runs the same level-triggered pass of ``graft.reconcile.finetunejob``. The
+handlers submit it and return: passes run in the background, at most
+``maxConcurrentPasses`` at once, so Kopf lets go of each event as soon as it is seen.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ async def progress_lease_changed(
     if reports.get(uid) == report:
         return
     reports[uid] = report
-    await _reconciler(memo, kwargs).reconcile(str(namespace), job)
+    _reconciler(memo, kwargs).submit(str(namespace), job)
 
 
 @kopf.index("nodes")
@@ -131,7 +133,7 @@ async def job_event(
         return
     if rec.spec_seen(ns, name, body):
         return
-    await rec.reconcile_or_retry(ns, name, body)
+    rec.submit(ns, name, body)
 
 
 @kopf.on.event("pods", labels={LABEL_JOB: kopf.PRESENT})
@@ -147,7 +149,7 @@ async def trainer_pod_changed(
     deleted = kwargs.get("type") == "DELETED"
     if rec.pod_seen(str(namespace), str(body.metadata.name), None if deleted else body):
         return
-    await rec.reconcile_or_retry(str(namespace), job)
+    rec.submit(str(namespace), job)
 
 
 @kopf.on.event("nodes")
@@ -166,4 +168,4 @@ async def node_changed(name: str, type: str, status: kopf.Status, memo: Any, **k
         seen.pop(name, None)
     rec = _reconciler(memo, kwargs)
     for ns, job in sorted(set(kwargs["graft_trainer_pods_by_node"].get(name, []))):
-        await rec.reconcile_or_retry(ns, job)
+        rec.submit(ns, job)

@@ -83,6 +83,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    finetunejobs = getattr(memo, "finetunejobs", None)
+    if finetunejobs is not None:
+        await finetunejobs.close()
     kube = getattr(memo, "kube", None)
     if kube is not None:
         await kube.close()

@@ -139,6 +139,20 @@ def _deletion(
     return name, None
 
 
+#: kubectl's copy of the whole object it applied: often the largest part of a job's body
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def trimmed(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's body without what no pass reads and what makes it large: managedFields and
+    kubectl's last-applied copy (the rest is shared with ``job``, not copied)."""
+    meta = {k: v for k, v in (job.get("metadata") or {}).items() if k != "managedFields"}
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    return {**job, "metadata": meta}
+
+
 def pod_digest(pod: Mapping[str, Any]) -> int:
     """What a pass reads from a Pod: phase and reason, node, deletion, container states,
     the progress annotation."""
@@ -785,6 +799,10 @@ class FineTuneJobReconciler:
         self._written: dict[tuple[str, str], int] = {}
         #: (namespace, job) -> (uid, generation) of the job's last event that started a pass
         self._specs: dict[tuple[str, str], tuple[str, int]] = {}
+        #: (namespace, job) -> the job's latest watch body, trimmed, until a pass takes it
+        self._bodies: dict[tuple[str, str], dict[str, Any]] = {}
+        #: passes submitted and not yet done (the reference keeps each task alive)
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def use_indexes(
         self, pods: Mapping[Any, Any], nodes: Mapping[Any, Any], leases: Mapping[Any, Any]
@@ -823,19 +841,40 @@ class FineTuneJobReconciler:
                 out[str(name)] = n
         return out
 
+    def submit(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+        """Run a pass in the background, retried on failure (``reconcile_or_retry``), so the
+        watch event that asked for it is let go at once: while passes wait for a slot, a
+        burst holds one trimmed body per job instead of every event Kopf has queued."""
+        if body is not None:
+            self._bodies[(namespace, name)] = trimmed(body)
+        task = asyncio.ensure_future(self.reconcile_or_retry(namespace, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop the passes in flight (the operator is shutting down)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for timer in self._timers.values():
+            timer.cancel()
+
     async def reconcile(
         self, namespace: str, name: str, body: Mapping[str, Any] | None = None
     ) -> None:
         """A pass (or one more, if one is running). ``body`` is the job as the watch
-        delivered it: the first pass uses it instead of reading the job again when it already
-        shows this process's last status write; passes run again for coalesced triggers
-        read the job afresh."""
+        delivered it; a pass uses the latest such body instead of reading the job when that
+        body already shows this process's last status write, and reads the job otherwise."""
         key = (namespace, name)
-        given = [dict(body)] if body is not None and self._fresh(key, body) else []
+        if body is not None:
+            self._bodies[key] = trimmed(body)
 
         async def once() -> None:
             async with self._slots:
-                await self._pass(namespace, name, given.pop() if given else None)
+                given = self._bodies.pop(key, None)
+                if given is not None and not self._fresh(key, given):
+                    given = None
+                await self._pass(namespace, name, given)
 
         await self._passes.run(key, once)
 
@@ -858,6 +897,7 @@ class FineTuneJobReconciler:
         self._passes.forget((namespace, name))
         self._written.pop((namespace, name), None)
         self._specs.pop((namespace, name), None)
+        self._bodies.pop((namespace, name), None)
         timer = self._timers.pop((namespace, name), None)
         if timer:
             timer.cancel()
