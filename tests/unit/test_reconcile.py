@@ -426,6 +426,39 @@ def test_passes_of_many_jobs_run_at_most_max_concurrent_passes_at_once() -> None
     assert sorted(done) == sorted(f"j{i}" for i in range(10))
 
 
+def test_submitted_passes_run_once_per_job_with_its_latest_body_trimmed() -> None:
+    import asyncio
+
+    rec = ftj.FineTuneJobReconciler(kube=None, settings=SETTINGS)  # type: ignore[arg-type]
+    seen: list[tuple[str, Any]] = []
+
+    async def fake_pass(namespace: str, name: str, body: Any = None) -> None:
+        seen.append((name, body))
+
+    rec._pass = fake_pass  # type: ignore[method-assign]
+    last_applied = {ftj.LAST_APPLIED: "{...}", "team": "a"}
+
+    async def burst() -> None:
+        for generation in (1, 2, 3):
+            body = job()
+            body["metadata"].update(
+                generation=generation, managedFields=[{"manager": "x"}], annotations=last_applied
+            )
+            rec.submit("ns", "a", body)
+        rec.submit("ns", "b")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await rec.close()
+
+    asyncio.run(burst())
+    assert [name for name, _ in seen] == ["a", "b"]
+    a = seen[0][1]
+    assert a["metadata"]["generation"] == 3
+    assert "managedFields" not in a["metadata"]
+    assert a["metadata"]["annotations"] == {"team": "a"}
+    assert seen[1][1] is None  # no body: the pass reads the job
+
+
 # Visible refusals: every accepted spec runs or says why, before any pod -----------------
 
 

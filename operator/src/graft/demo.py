@@ -5,9 +5,9 @@
    (graft.testing.fictional): machines, seal-kit part numbers, fault codes, torques and
    service intervals that exist nowhere else. Nothing is downloaded.
 2. Writes a FineTuneJob: continued pre-training on the domain's documents, then LoRA SFT on
-   questions and answers, with ``spec.evaluation`` on held-out data (logs written in other
-   templates; every fact asked in a phrasing training never shows) and a gate. The same YAML
-   is in examples/local/.
+   questions and answers (with the documents replayed), with ``spec.evaluation`` on held-out
+   data (logs written in other templates; every fact asked in a phrasing training never
+   shows) and a gate. The same YAML is in examples/local/.
 3. Trains with ``graft run``'s code, which evaluates before training, after each stage and
    at the end, and prints the figures, the gate's verdict, base and adapter answers side by
    side, and the time (with the machine's load, since times depend on it).
@@ -139,6 +139,7 @@ def prepare(pvc_root: Path, console: Console) -> float:
         held_out_documents,
         held_out_questions,
         machines,
+        replay_records,
         sft_records,
     )
 
@@ -164,7 +165,8 @@ def prepare(pvc_root: Path, console: Console) -> float:
     write_jsonl(root / "heldout" / "plant-questions.jsonl", held_out_questions(ms))
     console.print(
         f"domain: {len(ms)} invented machines, {len(documents(ms))} training documents, "
-        f"{len(sft_records(ms))} training Q&A; held out: {len(held_out_documents(ms))} logs, "
+        f"{len(sft_records(ms))} SFT records ({len(replay_records(ms))} of them the documents "
+        f"replayed, so SFT keeps what CPT taught); held out: {len(held_out_documents(ms))} logs, "
         f"{len(held_out_questions(ms))} questions in a phrasing training never shows"
     )
     return import_s

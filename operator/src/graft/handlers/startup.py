@@ -61,6 +61,8 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # Kopf's own "Handler succeeded" Events would be one more POST per change; the
     # reconcilers post the Events users read (kopf.event is not filtered by this level).
     settings.posting.level = logging.WARNING
+    # The initial list (every restart) in chunks: 10,000 jobs are never parsed at once.
+    settings.watching.chunk_size = 500
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60

@@ -153,6 +153,12 @@ def trimmed(job: Mapping[str, Any]) -> dict[str, Any]:
     return {**job, "metadata": meta}
 
 
+def packed(job: Mapping[str, Any]) -> str:
+    """``trimmed(job)`` as compact JSON: a few KB instead of a tree of dicts several times
+    that size, for a body that waits in memory until its pass."""
+    return json.dumps(trimmed(job), separators=(",", ":"))
+
+
 def pod_digest(pod: Mapping[str, Any]) -> int:
     """What a pass reads from a Pod: phase and reason, node, deletion, container states,
     the progress annotation."""
@@ -799,10 +805,13 @@ class FineTuneJobReconciler:
         self._written: dict[tuple[str, str], int] = {}
         #: (namespace, job) -> (uid, generation) of the job's last event that started a pass
         self._specs: dict[tuple[str, str], tuple[str, int]] = {}
-        #: (namespace, job) -> the job's latest watch body, trimmed, until a pass takes it
-        self._bodies: dict[tuple[str, str], dict[str, Any]] = {}
-        #: passes submitted and not yet done (the reference keeps each task alive)
-        self._tasks: set[asyncio.Future[None]] = set()
+        #: (namespace, job) -> the job's latest watch body, trimmed and serialized
+        #: (``packed``), until a pass takes it
+        self._bodies: dict[tuple[str, str], str] = {}
+        #: jobs waiting for a pass (each once), and the workers that run them (``submit``)
+        self._queue: asyncio.Queue[tuple[str, str]] | None = None
+        self._queued: set[tuple[str, str]] = set()
+        self._workers: list[asyncio.Future[None]] = []
 
     def use_indexes(
         self, pods: Mapping[Any, Any], nodes: Mapping[Any, Any], leases: Mapping[Any, Any]
@@ -842,22 +851,38 @@ class FineTuneJobReconciler:
         return out
 
     def submit(self, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
-        """Run a pass in the background, retried on failure (``reconcile_or_retry``), so the
-        watch event that asked for it is let go at once: while passes wait for a slot, a
-        burst holds one trimmed body per job instead of every event Kopf has queued."""
+        """Queue a pass for the job: once, however often it is asked for before it starts.
+        ``maxConcurrentPasses`` workers run the queue, each pass retried on failure
+        (``reconcile_or_retry``). The watch event that asked is let go at once, and a queued
+        job holds only its latest body, trimmed and serialized: a restart over 10,000 jobs
+        does not hold 10,000 parsed bodies while their passes wait."""
+        key = (namespace, name)
         if body is not None:
-            self._bodies[(namespace, name)] = trimmed(body)
-        task = asyncio.ensure_future(self.reconcile_or_retry(namespace, name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self._bodies[key] = packed(body)
+        if key in self._queued:
+            return
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._workers = [
+                asyncio.ensure_future(self._work(self._queue))
+                for _ in range(self.settings.max_concurrent_passes)
+            ]
+        self._queued.add(key)
+        self._queue.put_nowait(key)
+
+    async def _work(self, queue: asyncio.Queue[tuple[str, str]]) -> None:
+        while True:
+            key = await queue.get()
+            self._queued.discard(key)
+            await self.reconcile_or_retry(*key)
 
     async def close(self) -> None:
-        """Stop the passes in flight (the operator is shutting down)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop the workers and timers (the operator is shutting down)."""
         for timer in self._timers.values():
             timer.cancel()
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def reconcile(
         self, namespace: str, name: str, body: Mapping[str, Any] | None = None
@@ -867,11 +892,12 @@ class FineTuneJobReconciler:
         body already shows this process's last status write, and reads the job otherwise."""
         key = (namespace, name)
         if body is not None:
-            self._bodies[key] = trimmed(body)
+            self._bodies[key] = packed(body)
 
         async def once() -> None:
             async with self._slots:
-                given = self._bodies.pop(key, None)
+                raw = self._bodies.pop(key, None)
+                given = json.loads(raw) if raw is not None else None
                 if given is not None and not self._fresh(key, given):
                     given = None
                 await self._pass(namespace, name, given)
@@ -908,9 +934,7 @@ class FineTuneJobReconciler:
         if old:
             old.cancel()
         loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(
-            delay, lambda: asyncio.ensure_future(self.reconcile_or_retry(namespace, name))
-        )
+        self._timers[key] = loop.call_later(delay, self.submit, namespace, name)
 
     async def reconcile_or_retry(
         self, namespace: str, name: str, body: Mapping[str, Any] | None = None
