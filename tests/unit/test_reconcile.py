@@ -419,7 +419,11 @@ def test_passes_of_many_jobs_run_at_most_max_concurrent_passes_at_once() -> None
     rec._pass = fake_pass  # type: ignore[method-assign]
 
     async def burst() -> None:
-        await asyncio.gather(*(rec.reconcile("ns", f"j{i}") for i in range(10)))
+        for i in range(10):
+            rec.submit("ns", f"j{i}")
+        while len(done) < 10:
+            await asyncio.sleep(0.01)
+        await rec.close()
 
     asyncio.run(burst())
     assert peak == 3

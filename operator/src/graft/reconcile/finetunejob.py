@@ -792,8 +792,6 @@ class FineTuneJobReconciler:
         self.kube = kube
         self.settings = settings
         self._passes = Coalescer()
-        #: at most this many passes talk to the apiserver at once; the rest wait their turn
-        self._slots = asyncio.Semaphore(settings.max_concurrent_passes)
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.pods_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
         self.nodes_index: Mapping[Any, Iterable[Mapping[str, Any]]] = {}
@@ -884,23 +882,18 @@ class FineTuneJobReconciler:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
-    async def reconcile(
-        self, namespace: str, name: str, body: Mapping[str, Any] | None = None
-    ) -> None:
-        """A pass (or one more, if one is running). ``body`` is the job as the watch
-        delivered it; a pass uses the latest such body instead of reading the job when that
-        body already shows this process's last status write, and reads the job otherwise."""
+    async def reconcile(self, namespace: str, name: str) -> None:
+        """A pass (or one more, if one is running). It uses the job's latest watch body
+        (``submit``) instead of reading the job when that body already shows this process's
+        last status write, and reads the job otherwise."""
         key = (namespace, name)
-        if body is not None:
-            self._bodies[key] = packed(body)
 
         async def once() -> None:
-            async with self._slots:
-                raw = self._bodies.pop(key, None)
-                given = json.loads(raw) if raw is not None else None
-                if given is not None and not self._fresh(key, given):
-                    given = None
-                await self._pass(namespace, name, given)
+            raw = self._bodies.pop(key, None)
+            given = json.loads(raw) if raw is not None else None
+            if given is not None and not self._fresh(key, given):
+                given = None
+            await self._pass(namespace, name, given)
 
         await self._passes.run(key, once)
 
@@ -936,13 +929,11 @@ class FineTuneJobReconciler:
         loop = asyncio.get_running_loop()
         self._timers[key] = loop.call_later(delay, self.submit, namespace, name)
 
-    async def reconcile_or_retry(
-        self, namespace: str, name: str, body: Mapping[str, Any] | None = None
-    ) -> None:
+    async def reconcile_or_retry(self, namespace: str, name: str) -> None:
         """A pass (from the job's, its Pods' or a Node's events, or a timer): a failure is
         logged and the pass tried again later, so a temporary error never strands the job."""
         try:
-            await self.reconcile(namespace, name, body)
+            await self.reconcile(namespace, name)
         except Exception as e:
             metrics.RECONCILES.labels(KIND, "error").inc()
             delay = float(getattr(e, "delay", None) or RETRY_SECONDS)
