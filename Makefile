@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 K8S_CACHE ?= $(HOME)/.cache/graft/k8s-v1.20.2
+K8S_NODE_CACHE ?= $(HOME)/.cache/graft/k8s-v1.20.2-node
 
-.PHONY: help venv control-plane helm test test-unit test-integration test-under-load lint crds \
+.PHONY: help venv control-plane node kubernetes helm test test-unit test-integration test-under-load lint crds \
         chart-test \
         demo bench e2e e2e-containers e2e-kind images test-images clean
 
@@ -38,6 +39,15 @@ venv: $(STAMP)
 
 control-plane:
 	@bash hack/build-control-plane.sh "$(K8S_CACHE)" >/dev/null
+
+# kubelet and kube-proxy for the real-kubelet tier (e2e-containers)
+node:
+	@bash hack/build-node.sh "$(K8S_NODE_CACHE)" >/dev/null
+
+# both, built together where both are missing (a minute more than the control plane alone)
+kubernetes:
+	@GRAFT_K8S_CACHE="$(K8S_CACHE)" GRAFT_K8S_NODE_CACHE="$(K8S_NODE_CACHE)" \
+		bash hack/build-k8s.sh control-plane node >/dev/null
 
 helm:
 	@bash hack/install-helm.sh >/dev/null
@@ -77,8 +87,9 @@ e2e: venv control-plane helm
 	GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest e2e --ignore=e2e/containers $(PYTEST_ARGS)
 
 # Real kubelets (built once by hack/build-node.sh) run the images `make images` built.
-e2e-containers: venv control-plane helm
-	GRAFT_E2E_CONTAINERS=require GRAFT_K8S_CACHE="$(K8S_CACHE)" $(PY) -m pytest e2e/containers $(PYTEST_ARGS)
+e2e-containers: venv control-plane node helm
+	GRAFT_E2E_CONTAINERS=require GRAFT_K8S_CACHE="$(K8S_CACHE)" GRAFT_K8S_NODE_CACHE="$(K8S_NODE_CACHE)" \
+		$(PY) -m pytest e2e/containers $(PYTEST_ARGS)
 
 e2e-kind:
 	bash e2e/kind/run.sh

@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +30,7 @@ from e2e_support import (
     RELEASE_NAMESPACE,
     REPO_ROOT,
     SHARED,
+    install_kuberay_crds,
 )
 from kubernetes import client
 
@@ -102,44 +101,10 @@ def control_plane(
         )
         if SHARED.is_dir():
             # before the operator starts: it watches RayServices from the start
-            _install_kuberay_crds(cp, tmp_path_factory.mktemp("kuberay-crds"))
+            install_kuberay_crds(cp, tmp_path_factory.mktemp("kuberay-crds"))
         yield cp
     finally:
         cp.stop()
-
-
-def _install_kuberay_crds(cp: ControlPlane, out: Path) -> None:
-    """KubeRay's CRDs, made installable on the 1.20 test apiserver by the shared script
-    (test use only; never copied into the repository)."""
-    src = SHARED / "thirdparty" / "kuberay"
-    subprocess.run(
-        [
-            sys.executable,
-            str(SHARED / "envtest" / "downlevel_crd.py"),
-            str(out),
-            *map(str, sorted(src.glob("ray.io_*.yaml"))),
-        ],
-        check=True,
-    )
-    for f in sorted(out.glob("*.yaml")):
-        # too big for client-side apply's last-applied annotation
-        r = cp.kubectl("create", "-f", str(f), check=False)
-        assert r.returncode == 0 or "AlreadyExists" in r.stderr, r.stderr
-    # kubectl wait fails outright when the CRD has no status yet: ask again
-    wait_for(
-        "the RayService CRD established",
-        lambda: (
-            cp.kubectl(
-                "wait",
-                "--for=condition=Established",
-                "--timeout=10s",
-                "crd/rayservices.ray.io",
-                check=False,
-            ).returncode
-            == 0
-        ),
-        timeout=60,
-    )
 
 
 @pytest.fixture(scope="session")

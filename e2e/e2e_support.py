@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-from graft.testing.cluster import A100_LABELS
-from graft.testing.controlplane import free_port
+from graft.testing.cluster import A100_LABELS, wait_for
+from graft.testing.controlplane import ControlPlane, free_port
+from graft.testing.fake_kuberay import rayservice_status
 from graft.testing.process_kubelet import kill_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -157,64 +158,7 @@ class FakeKubeRayOperator:
 
     def write_status(self, rs: dict[str, Any], apps: dict[str, Any]) -> dict[str, Any]:
         name = rs["metadata"]["name"]
-        generation = rs["metadata"].get("generation", 1)
-        workers = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-        desired = sum(int(w.get("replicas") or 0) for w in workers)
-        running = sum(
-            int(d["replicaStates"].get("RUNNING", 0))
-            for a in apps.values()
-            for d in a["deployments"].values()
-        )
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        cluster_name = f"{name}-{uuid.uuid4().hex[:5]}"
-        status = {
-            "serviceStatus": "Running",
-            "numServeEndpoints": 1,
-            "observedGeneration": generation,
-            "lastUpdateTime": now,
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "NonZeroServeEndpoints",
-                    "message": "Number of serve endpoints is greater than 0",
-                    "lastTransitionTime": now,
-                    "observedGeneration": generation,
-                },
-                {
-                    "type": "UpgradeInProgress",
-                    "status": "False",
-                    "reason": "NoPendingCluster",
-                    "message": "Active Ray cluster exists and no pending Ray cluster",
-                    "lastTransitionTime": now,
-                    "observedGeneration": generation,
-                },
-            ],
-            "activeServiceStatus": {
-                "rayClusterName": cluster_name,
-                "applicationStatuses": {
-                    app_name: {
-                        "status": a["status"],
-                        **_message(a),
-                        "serveDeploymentStatuses": {
-                            dep_name: {"status": d["status"], **_message(d)}
-                            for dep_name, d in a["deployments"].items()
-                        },
-                    }
-                    for app_name, a in apps.items()
-                },
-                "rayClusterStatus": {
-                    "state": "ready",
-                    "desiredWorkerReplicas": desired,
-                    "readyWorkerReplicas": running,
-                    "availableWorkerReplicas": running,
-                    "minWorkerReplicas": sum(int(w.get("minReplicas") or 0) for w in workers),
-                    "maxWorkerReplicas": sum(int(w.get("maxReplicas") or 0) for w in workers),
-                    "head": {"serviceName": f"{cluster_name}-head-svc"},
-                    "lastUpdateTime": now,
-                },
-            },
-        }
+        status = rayservice_status(rs, apps, f"{name}-{uuid.uuid4().hex[:5]}")
         self.custom.patch_namespaced_custom_object_status(
             "ray.io", "v1", self.ns, "rayservices", name, {"status": status}
         )
@@ -232,7 +176,35 @@ class FakeKubeRayOperator:
             self.proc.wait(timeout=10)
 
 
-def _message(status: dict[str, Any]) -> dict[str, str]:
-    # KubeRay omits an empty message (omitempty); the 1.20 test apiserver would also turn an
-    # empty string inside this map into null and refuse it.
-    return {"message": status["message"]} if status.get("message") else {}
+def install_kuberay_crds(cp: ControlPlane, out: Path) -> None:
+    """KubeRay's CRDs, made installable on the 1.20 test apiserver by the shared script
+    (test use only; never copied into the repository)."""
+    src = SHARED / "thirdparty" / "kuberay"
+    subprocess.run(
+        [
+            sys.executable,
+            str(SHARED / "envtest" / "downlevel_crd.py"),
+            str(out),
+            *map(str, sorted(src.glob("ray.io_*.yaml"))),
+        ],
+        check=True,
+    )
+    for f in sorted(out.glob("*.yaml")):
+        # too big for client-side apply's last-applied annotation
+        r = cp.kubectl("create", "-f", str(f), check=False)
+        assert r.returncode == 0 or "AlreadyExists" in r.stderr, r.stderr
+    # kubectl wait fails outright when the CRD has no status yet: ask again
+    wait_for(
+        "the RayService CRD established",
+        lambda: (
+            cp.kubectl(
+                "wait",
+                "--for=condition=Established",
+                "--timeout=10s",
+                "crd/rayservices.ray.io",
+                check=False,
+            ).returncode
+            == 0
+        ),
+        timeout=60,
+    )

@@ -19,13 +19,15 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import yaml
-from containers_support import IMAGES, NODES, POOL, RELEASE, RELEASE_NS, TAG
+from containers_support import CLAIMS, IMAGES, NODES, POOL, RELEASE, RELEASE_NS, TAG
+from e2e_support import SHARED, install_kuberay_crds
 from kubernetes import client
 
 from graft.testing.cluster import A100_LABELS, api_client, wait_for
@@ -136,6 +138,10 @@ def control_plane(network: BridgeNetwork, workdir: Path) -> Iterator[ControlPlan
         _unavailable(str(e))
         raise
     try:
+        if SHARED.is_dir():
+            # before the operator starts: it watches RayServices from the start
+            (workdir / "kuberay-crds").mkdir(exist_ok=True)
+            install_kuberay_crds(cp, workdir / "kuberay-crds")
         yield cp
     finally:
         cp.stop()
@@ -249,3 +255,47 @@ def operator_release(
     )
     assert seen.split() == ["true", "[ALL]"], seen
     return str(pod.spec.node_name)
+
+
+@pytest.fixture(scope="session")
+def claims_namespace(
+    k8s: client.ApiClient, operator_release: str, workdir: Path
+) -> Iterator[tuple[str, Path]]:
+    """A namespace with the claims in CLAIMS, on hostPath volumes under one shared
+    directory (as NFS would share them between nodes); the gang test trains into it and
+    the serving test serves from it."""
+    ns = f"e2ec-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(k8s)
+    core.create_namespace({"metadata": {"name": ns}})  # type: ignore[arg-type]
+    root = workdir / "claims" / ns
+    for claim in CLAIMS:
+        d = root / claim
+        d.mkdir(parents=True)
+        d.chmod(0o777)  # the trainer runs as uid 65532; hostPath ignores fsGroup
+        pv = f"{ns}-{claim}"
+        core.create_persistent_volume(
+            {  # type: ignore[arg-type]
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "10Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "hostPath": {"path": str(d), "type": "Directory"},
+                    "storageClassName": "",
+                    "claimRef": {"namespace": ns, "name": claim},
+                },
+            }
+        )
+        core.create_namespaced_persistent_volume_claim(
+            ns,
+            {  # type: ignore[arg-type]
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "resources": {"requests": {"storage": "10Gi"}},
+                    "storageClassName": "",
+                    "volumeName": pv,
+                },
+            },
+        )
+    yield ns, root
+    core.delete_namespace(ns)

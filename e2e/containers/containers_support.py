@@ -12,7 +12,12 @@ TAG = "0.1.0"
 IMAGES = {
     "operator": f"ghcr.io/graft-dev/graft-operator:{TAG}",
     "trainer": f"ghcr.io/graft-dev/graft-trainer:{TAG}",
+    "server": f"ghcr.io/graft-dev/graft-server:{TAG}",
 }
+#: What the gang test leaves for the serving test: its namespace, job and base model.
+SCENARIO: dict[str, str] = {}
+#: The claims of the scenario's namespace (hostPath PersistentVolumes under one directory).
+CLAIMS = ("models", "data", "out")
 NODES = ("a100-c0", "a100-c1", "a100-c2")
 RELEASE, RELEASE_NS = "graft", "graft-system"
 POOL: dict[str, Any] = {

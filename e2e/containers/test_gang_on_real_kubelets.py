@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from containers_support import GROUP, NODES, POOL, VERSION
+from containers_support import GROUP, NODES, POOL, SCENARIO, VERSION
 from kubernetes import client
 
 from graft.testing.cluster import wait_for
@@ -29,7 +27,6 @@ pytestmark = pytest.mark.slow
 
 MAX_STEPS = 200
 CHECKPOINT_EVERY = 10
-CLAIMS = ("models", "data", "out")
 
 
 def job_spec(name: str) -> dict[str, Any]:
@@ -67,48 +64,6 @@ def job_spec(name: str) -> dict[str, Any]:
             "restartPolicy": {"maxRestarts": 2, "backoffSeconds": 1},
         },
     }
-
-
-@pytest.fixture
-def namespace(
-    k8s: client.ApiClient, operator_release: str, workdir: Path
-) -> Iterator[tuple[str, Path]]:
-    """A namespace with three claims on hostPath volumes under one shared directory."""
-    ns = f"e2ec-{uuid.uuid4().hex[:6]}"
-    core = client.CoreV1Api(k8s)
-    core.create_namespace({"metadata": {"name": ns}})  # type: ignore[arg-type]
-    root = workdir / "claims" / ns
-    for claim in CLAIMS:
-        d = root / claim
-        d.mkdir(parents=True)
-        d.chmod(0o777)  # the trainer runs as uid 65532; hostPath ignores fsGroup
-        pv = f"{ns}-{claim}"
-        core.create_persistent_volume(
-            {  # type: ignore[arg-type]
-                "metadata": {"name": pv},
-                "spec": {
-                    "capacity": {"storage": "10Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "hostPath": {"path": str(d), "type": "Directory"},
-                    "storageClassName": "",
-                    "claimRef": {"namespace": ns, "name": claim},
-                },
-            }
-        )
-        core.create_namespaced_persistent_volume_claim(
-            ns,
-            {  # type: ignore[arg-type]
-                "metadata": {"name": claim},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "resources": {"requests": {"storage": "10Gi"}},
-                    "storageClassName": "",
-                    "volumeName": pv,
-                },
-            },
-        )
-    yield ns, root
-    core.delete_namespace(ns)
 
 
 class Job:
@@ -167,9 +122,9 @@ def test_gang_survives_a_killed_node_under_real_kubelets(
     k8s: client.ApiClient,
     nodes: dict[str, DockerNode],
     operator_release: str,
-    namespace: tuple[str, Path],
+    claims_namespace: tuple[str, Path],
 ) -> None:
-    ns, claims = namespace
+    ns, claims = claims_namespace
     build_tiny_model(claims / "models" / "tiny-llama", seed=0)
     write_jsonl(claims / "data" / "sft.jsonl", instruction_records(160, seed=12))
     for p in claims.rglob("*"):
@@ -251,6 +206,8 @@ def test_gang_survives_a_killed_node_under_real_kubelets(
         final["progress"],
         undisturbed["progress"],
     )
+    # test_serving_on_real_kubelets serves this adapter
+    SCENARIO.update(namespace=ns, job="wind-sft", base="pvc://models/tiny-llama")
     print(
         "\n[e2e-containers] "
         + json.dumps(

@@ -1,4 +1,4 @@
-# Sourced by hack/build-control-plane.sh and hack/build-node.sh: fetch Debian bookworm's
+# Sourced by hack/build-k8s.sh: fetch Debian bookworm's
 # `kubernetes` source package (upstream v1.20.2 with vendor/) into the current directory,
 # make its vendor tree build with Debian's Go, and export the build settings.
 #

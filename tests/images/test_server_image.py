@@ -26,6 +26,7 @@ from graft.builders.serve_config import ResolvedAdapter
 from graft.config import Settings
 from graft.testing.cluster import wait_for
 from graft.testing.controlplane import free_port
+from graft.testing.fake_kuberay import kuberay_command, ray_start_args
 from graft.testing.tiny_model import build_tiny_adapter, build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -34,22 +35,9 @@ pytestmark = pytest.mark.slow
 def ray_start(
     group: dict[str, Any], container: dict[str, Any], head_address: str | None
 ) -> list[str]:
-    """The command KubeRay gives a Ray container: `ray start ... --block` from rayStartParams.
-
-    As KubeRay does, num-cpus comes from the container's CPU limit (or request) when the
-    group's rayStartParams do not set it.
-    """
-    params = dict(group.get("rayStartParams") or {})
-    if "num-cpus" not in params:
-        res = container.get("resources") or {}
-        cpu = (res.get("limits") or {}).get("cpu") or (res.get("requests") or {}).get("cpu")
-        if cpu:
-            cpus = float(cpu[:-1]) / 1000 if str(cpu).endswith("m") else float(cpu)
-            params["num-cpus"] = str(max(1, round(cpus)))
-    args = ["ray", "start", "--block"]
-    args += ["--head", "--port=6379"] if head_address is None else [f"--address={head_address}"]
-    args += [f"--{k}={v}" for k, v in params.items()]
-    return ["bash", "-c", "ulimit -n 65536 || true; exec " + " ".join(args)]
+    """The command KubeRay gives a Ray container (``graft.testing.fake_kuberay``)."""
+    params = group.get("rayStartParams") or {}
+    return kuberay_command(ray_start_args(params, container, head_address))
 
 
 @pytest.fixture(scope="module")
