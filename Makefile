@@ -40,9 +40,11 @@ venv: $(STAMP)
 control-plane:
 	@bash hack/build-control-plane.sh "$(K8S_CACHE)" >/dev/null
 
-# kubelet and kube-proxy for the real-kubelet tier (e2e-containers)
+# kubelet and kube-proxy for the real-kubelet tier (e2e-containers), and the host's tools
+# for it (dnsmasq, iproute2, iptables, Docker; from Debian where missing)
 node:
 	@bash hack/build-node.sh "$(K8S_NODE_CACHE)" >/dev/null
+	@bash hack/install-node-tools.sh
 
 # both, built together where both are missing (a minute more than the control plane alone)
 kubernetes:

@@ -45,16 +45,13 @@ SERVE_LABEL = "ray.io/serve"
 def rayservice_status(
     rs: dict[str, Any], apps: dict[str, Any], cluster_name: str
 ) -> dict[str, Any]:
-    """The status KubeRay writes on a RayService whose Serve ``apps`` (Serve's REST
-    ``applications``, by name) run on the Ray cluster ``cluster_name``."""
+    """The status KubeRay writes on a RayService whose Serve ``apps`` (by name, as the
+    dashboard's ``/api/serve/applications/`` lists them, or as e2e's ray_serve_host.py
+    reports them) run on the Ray cluster ``cluster_name``."""
     generation = rs["metadata"].get("generation", 1)
     workers = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     desired = sum(int(w.get("replicas") or 0) for w in workers)
-    running = sum(
-        int(d["replicaStates"].get("RUNNING", 0))
-        for a in apps.values()
-        for d in a["deployments"].values()
-    )
+    running = sum(_running(d) for a in apps.values() for d in a["deployments"].values())
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {
         "serviceStatus": "Running",
@@ -104,6 +101,13 @@ def rayservice_status(
             },
         },
     }
+
+
+def _running(deployment: dict[str, Any]) -> int:
+    # ray_serve_host.py reports Serve's counts by state; the dashboard lists the replicas
+    if "replicaStates" in deployment:
+        return int(deployment["replicaStates"].get("RUNNING", 0))
+    return sum(1 for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING")
 
 
 def _message(status: dict[str, Any]) -> dict[str, str]:
@@ -297,6 +301,11 @@ class FakeKubeRayOnKubelets:
             },
         )
         for pod in objects:
+            for c in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
+                # Go's resource.Quantity takes 1 or "1"; this client takes only strings
+                for kind in ("limits", "requests"):
+                    q = (c.get("resources") or {}).get(kind) or {}
+                    q.update({k: str(v) for k, v in q.items()})
             self.core.create_namespaced_pod(self.ns, pod)  # type: ignore[arg-type]
 
     # -- Serve through the head's dashboard ----------------------------------------------
