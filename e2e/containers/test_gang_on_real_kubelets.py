@@ -1,7 +1,8 @@
 """A 2-rank FineTuneJob in containers under real kubelets; one node dies mid-run.
 
-The gang spans two of three nodes. When the node of a rank is killed (its kubelet and its
-containers stop at once), the node lifecycle controller marks it NotReady, the operator
+The gang spans two of three nodes. When the node of a rank is killed (it drops off the
+network, as a machine that loses power does, then its kubelet and its containers stop at
+once), the node lifecycle controller marks it NotReady, the operator
 tears the gang down and starts attempt 2 on the two healthy nodes from the last checkpoint,
 and the job finishes with the same final loss as the same job run undisturbed on the same
 kubelets. GPU-hours and restarts are checked against the Pods' own times.

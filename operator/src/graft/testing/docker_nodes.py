@@ -144,6 +144,18 @@ class BridgeNetwork:
             _run("iptables", "-I", *rule)
             self._rules.append(rule)
 
+    def partition(self, n: int) -> None:
+        """Cut node n off: nothing in or out of its bridge, as when a machine loses power
+        (its peers then see silence, not the FIN or RST of processes that exit)."""
+        br = self.bridge(n)
+        for rule in (
+            ["FORWARD", "-i", br, "-j", "DROP"],
+            ["FORWARD", "-o", br, "-j", "DROP"],
+            ["INPUT", "-i", br, "-j", "DROP"],
+        ):
+            _run("iptables", "-I", *rule)
+            self._rules.append(rule)
+
     def down(self) -> None:
         for rule in self._rules:
             _run("iptables", "-D", *rule, check=False)
@@ -302,7 +314,9 @@ class DockerNode:
         core.patch_node_status(self.name, body)
 
     def kill(self) -> None:
-        """Node loss: the kubelet and the node's containers stop at once, nothing reports."""
+        """Node loss: the node drops off the network, then its kubelet and containers stop
+        at once; nothing reports, and no peer hears its connections close."""
+        self.network.partition(self.index)
         _stop(self.kubelet, signal.SIGKILL)
         with contextlib.suppress(NodeSetupError):
             ids = self.docker("ps", "-q").split()
