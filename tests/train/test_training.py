@@ -10,6 +10,7 @@ import torch
 from trainkit import make_job
 
 from graft.runtime.train import run_training
+from graft.runtime.train.files import process_umask
 
 
 def dropped(losses: list[float], by: float) -> bool:
@@ -70,6 +71,10 @@ def test_lora_cpt_then_chat_sft_with_merge(
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert (out / "merged" / "model.safetensors").exists()
     assert res.output_kind == "adapter"
+    # Published for servers that run as another user: the umask's modes, not 0600.
+    readable = 0o666 & ~process_umask()
+    for f in (out / "adapter_model.safetensors", out / "merged" / "model.safetensors"):
+        assert f.stat().st_mode & 0o777 == readable, (f, oct(f.stat().st_mode))
     # The saved adapter reproduces the merged model's logits.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -19,6 +19,7 @@ import torch
 from graft.api.finetunejob import FineTuneJobSpec, Method, Precision
 from graft.runtime.train.config import Location, resolve
 from graft.runtime.train.errors import UserError
+from graft.runtime.train.files import share_with_readers
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def save_output(loaded: LoadedModel, spec: FineTuneJobSpec, out: Location, workd
             merged = model.merge_and_unload()
             merged.save_pretrained(str(tmp / "merged"))
             loaded.tokenizer.save_pretrained(str(tmp / "merged"))
+    share_with_readers(tmp)
     _fsync_tree(tmp)
     if out.local:
         dest = Path(out.path)

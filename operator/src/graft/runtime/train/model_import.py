@@ -28,6 +28,7 @@ from typing import Any
 
 from graft.runtime.train.config import resolve
 from graft.runtime.train.errors import UserError
+from graft.runtime.train.files import share_with_readers
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ def import_gguf(
         )
         + "\n"
     )
+    share_with_readers(tmp)
     for dirpath, _, files in os.walk(tmp):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
