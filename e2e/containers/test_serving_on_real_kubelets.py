@@ -7,7 +7,9 @@ make; the real kubelets run them from the server image, restricted and read-only
 worker reaches the head through the headless Service's name in the cluster DNS, the Serve
 config goes to the head's dashboard with the Ray token, and the official ``openai`` client
 asks the base model and the adapter through the Serve Service's cluster IP (kube-proxy),
-with the API key from the Secret the ModelService names, and is refused without it.
+with the API key from the Secret the ModelService names, and is refused without it. A
+second adapter names no files: the operator, from its pod, reads the replicas' /readyz
+through the Serve Service's DNS name and reports it in AdaptersReady.
 """
 
 from __future__ import annotations
@@ -94,7 +96,9 @@ def test_modelservice_serves_the_adapter_from_ray_pods_under_real_kubelets(
             "spec": {
                 "model": {
                     "baseModel": {"uri": base},
-                    "adapters": [adapter],
+                    # "broken" names no adapter files: its replicas report it, the
+                    # operator reads their /readyz through the Serve Service
+                    "adapters": [adapter, {"name": "broken", "uri": "pvc://out/no-such"}],
                 },
                 "engine": "transformers",
                 # the nodes share this host's 2 cores and 24 GiB
@@ -148,6 +152,18 @@ def test_modelservice_serves_the_adapter_from_ray_pods_under_real_kubelets(
         served = wait_for("the ModelService Ready", ready, timeout=90)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{json.dumps(msvc().get('status'), default=str)}") from None
+
+    def load_failure_reported() -> dict[str, Any] | None:
+        conds = {c["type"]: c for c in (msvc().get("status") or {}).get("conditions") or []}
+        c = conds.get("AdaptersReady", {})
+        return c if c.get("reason") == "AdapterLoadFailed" else None
+
+    try:
+        reported = wait_for("AdaptersReady=False for 'broken'", load_failure_reported, timeout=60)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{json.dumps(msvc().get('status'), default=str)}") from None
+    assert reported["status"] == "False" and "broken" in reported["message"], reported
+    assert job not in reported["message"], reported
     endpoint = served["status"]["endpoint"]
     svc_name = endpoint.split("//", 1)[1].split(".", 1)[0]
     assert endpoint == f"http://{svc_name}.{ns}.svc:{SERVE_PORT}/v1", endpoint
@@ -182,7 +198,7 @@ def test_modelservice_serves_the_adapter_from_ray_pods_under_real_kubelets(
         anonymous.models.list()
     api = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=120)
     names = {m.id for m in api.models.list().data}
-    assert {SERVICE, job} <= names, names
+    assert {SERVICE, job} <= names and "broken" not in names, names
     answers = {}
     for model in (SERVICE, job):
         out = api.chat.completions.create(

@@ -224,3 +224,60 @@ def test_canary_spec_is_checked() -> None:
     plan = ms.decide(svc([bad]), {}, None, SETTINGS, NOW)
     assert cond(plan, "Accepted").reason == "InvalidSpec"
     assert "exactly one of uri or fromFineTuneJob" in cond(plan, "Accepted").message
+
+
+def running(plan: ms.Plan) -> dict[str, Any]:
+    """The plan's RayService as KubeRay reports it once the Serve app runs."""
+    assert plan.rayservice is not None
+    live = json.loads(json.dumps(plan.rayservice))
+    live["metadata"]["generation"] = 1
+    live["status"] = {
+        "observedGeneration": 1,
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "activeServiceStatus": {"applicationStatuses": {ms.APP_NAME: {"status": "RUNNING"}}},
+    }
+    return live
+
+
+def test_adapters_the_replicas_could_not_load_are_a_condition() -> None:
+    body = svc([{"name": "a", "uri": "pvc://models/a"}, {"name": "b", "uri": "pvc://models/b"}])
+    first = passes(body, [])
+    live = running(first)
+    assert ms.serves_adapters(live) and not ms.serves_adapters(None)
+    ok = {"failedAdapters": {}}
+    bad = {"failedAdapters": {"b": "failed to load; see the replica's log", "s": "name taken"}}
+    failed = passes(body, [ok, bad], live)
+    c = cond(failed, "AdaptersReady")
+    assert (c.status, c.reason) == ("False", "AdapterLoadFailed")
+    assert "adapter(s) b failed to load on 1 of 2 replica(s)" in c.message
+    assert [e[1] for e in failed.events if e[0] == "Warning"] == ["AdapterLoadFailed"]
+    assert failed.rayservice is None  # a condition only: nothing is re-rendered
+    # no replica answers: the failure stands, and is not announced again
+    quiet = passes(body, [], live)
+    assert cond(quiet, "AdaptersReady").reason == "AdapterLoadFailed" and not quiet.events
+    # the replicas load it now (a new replica, say): resolved again
+    fixed = passes(body, [ok, ok], live)
+    assert (cond(fixed, "AdaptersReady").status, cond(fixed, "AdaptersReady").reason) == (
+        "True",
+        "AllResolved",
+    )
+
+
+def test_a_load_failure_is_forgotten_when_the_served_config_changes() -> None:
+    body = svc([{"name": "b", "uri": "pvc://models/b"}])
+    live = running(passes(body, []))
+    passes(body, [{"failedAdapters": {"b": "x"}}], live)
+    body["spec"]["model"]["adapters"] = [{"name": "b", "uri": "pvc://models/b-fixed"}]
+    changed = passes(body, [], live)
+    assert changed.rayservice is not None
+    assert cond(changed, "AdaptersReady").reason == "AllResolved"
+
+
+@pytest.mark.parametrize(
+    "report",
+    [{"failedAdapters": ["b"]}, {"failedAdapters": {"zzz": "x"}}, {"failedAdapters": None}, []],
+)
+def test_malformed_or_foreign_load_reports_are_ignored(report: Any) -> None:
+    body = svc([{"name": "b", "uri": "pvc://models/b"}])
+    live = running(passes(body, []))
+    assert cond(passes(body, [report], live), "AdaptersReady").reason == "AllResolved"

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 RAY_API_VERSION = "ray.io/v1"
 #: Condition on a ModelService with spec.auth.apiKeySecretRef: whether its Secret and key exist.
 AUTH_READY = "AuthReady"
+#: AdaptersReady's reason when replicas report that a served adapter failed to load.
+ADAPTER_LOAD_FAILED = "AdapterLoadFailed"
 
 
 @dataclasses.dataclass
@@ -240,6 +242,23 @@ def reported_rollbacks(
     return out
 
 
+def reported_load_failures(reports: Sequence[Mapping[str, Any]], names: set[str]) -> dict[str, int]:
+    """Adapter -> how many replica reports say it failed to load (``failedAdapters`` on
+    ``/readyz``), for the served adapters in ``names``; anything malformed is ignored.
+
+    Reports only ever change a condition: they say what the replicas could not load.
+    """
+    out: dict[str, int] = {}
+    for report in reports:
+        failed = report.get("failedAdapters") if isinstance(report, Mapping) else None
+        if not isinstance(failed, Mapping):
+            continue
+        for name in failed:
+            if name in names:
+                out[name] = out.get(name, 0) + 1
+    return out
+
+
 def canary_step(
     res: Resolution,
     prev: list[CanaryStatus],
@@ -398,7 +417,8 @@ def decide(
     secrets: Mapping[str, frozenset[str] | None] | None = None,
 ) -> Plan:
     """The RayService to apply and the new status; ``reports`` are what replicas said
-    about their canaries (``/readyz``), trusted only to roll a canary back; ``secrets``
+    on ``/readyz``, trusted only to roll a canary back and to say which adapters failed
+    to load (AdaptersReady=False, AdapterLoadFailed); ``secrets``
     the keys of each Secret in ``secret_names`` (None: it does not exist)."""
     meta = dict(body.get("metadata") or {})
     gen = meta.get("generation")
@@ -437,6 +457,7 @@ def decide(
         return finish(ModelServicePhase.FAILED)
 
     res = resolve_adapters(spec, jobs)
+    load_failed_stands = False
     names = {a.name for a in spec.model.adapters}
     ready, st.canaries, canary_events = canary_step(
         res, st.canaries, reported_rollbacks(reports, names), now.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -459,15 +480,23 @@ def decide(
             now,
         )
     else:
-        conds = _cond(
-            conds,
-            "AdaptersReady",
-            True,
-            "AllResolved",
-            f"{len(ready)} adapter(s) resolved",
-            gen,
-            now,
-        )
+        failed = reported_load_failures(reports, {a.name for a in ready})
+        if failed:
+            msg = (
+                f"adapter(s) {', '.join(sorted(failed))} failed to load on "
+                f"{max(failed.values())} of {len(reports)} replica(s) asked; the Serve "
+                "replicas' logs (the RayService's worker pods) say why. Fix the adapter "
+                "files (readable by the server's user) or spec.model.adapters."
+            )
+            if not was("AdaptersReady", ADAPTER_LOAD_FAILED):
+                plan.events.append(("Warning", ADAPTER_LOAD_FAILED, msg))
+            conds = _cond(conds, "AdaptersReady", False, ADAPTER_LOAD_FAILED, msg, gen, now)
+        elif not reports and was("AdaptersReady", ADAPTER_LOAD_FAILED):
+            # No replica answered this time: what the last ones said stands until the
+            # served config changes (below: a new config is loaded afresh, and asked again).
+            load_failed_stands = True
+        else:
+            conds = _all_resolved(conds, len(ready), gen, now)
 
     held = auth_problem(spec, str(meta.get("namespace", "default")), secrets or {})
     if held is not None:
@@ -484,6 +513,8 @@ def decide(
     policy = rs.build_network_policy(msvc, settings)
     # The policy's hash rides on the RayService, so a change of spec.network alone is seen.
     desired["metadata"]["annotations"][rs.ANNOTATION_NETWORK_HASH] = naming.spec_hash(policy)
+    if load_failed_stands and (live is None or _differs(live, desired)):
+        conds = _all_resolved(conds, len(ready), gen, now)
     # Without its API-key Secret a new or changed cluster's pods could not start: wait.
     if held is None and (live is None or _differs(live, desired)):
         plan.rayservice, plan.network_policy, plan.msvc = desired, policy, msvc
@@ -569,6 +600,22 @@ def waits_for_secret(body: Mapping[str, Any]) -> bool:
     )
 
 
+def _all_resolved(
+    conds: list[Condition], n: int, gen: int | None, now: dt.datetime
+) -> list[Condition]:
+    return _cond(conds, "AdaptersReady", True, "AllResolved", f"{n} adapter(s) resolved", gen, now)
+
+
+def serves_adapters(live: Mapping[str, Any] | None) -> bool:
+    """Whether a pass should ask the replicas which adapters failed to load: the live
+    RayService's application runs and its Serve config has adapters."""
+    if live is None:
+        return False
+    active = ((live.get("status") or {}).get("activeServiceStatus")) or {}
+    app = (active.get("applicationStatuses") or {}).get(APP_NAME) or {}
+    return app.get("status") == "RUNNING" and bool(_serve_adapters(live))
+
+
 def watches_canaries(body: Mapping[str, Any]) -> bool:
     """Whether a pass should ask the replicas about their canaries: one is progressing."""
     return any(
@@ -618,7 +665,8 @@ def internal_error_plan(body: Mapping[str, Any], e: Exception, now: dt.datetime)
     return Plan(status=st, events=events)
 
 
-#: How many replica reports one pass asks for; each comes from a replica Serve picks.
+#: How many replica reports one pass asks for (while a canary progresses, or while the
+#: running app serves adapters); each comes from a replica Serve picks.
 CANARY_REPORT_SAMPLES = 4
 
 
@@ -637,10 +685,10 @@ class ModelServiceReconciler:
     async def reconcile(self, namespace: str, name: str) -> None:
         await self._passes.run((namespace, name), lambda: self._pass(namespace, name))
 
-    async def _canary_reports(
+    async def _replica_reports(
         self, body: Mapping[str, Any], live: Mapping[str, Any] | None
     ) -> list[dict[str, Any]]:
-        if live is None or not watches_canaries(body):
+        if live is None or not (watches_canaries(body) or serves_adapters(live)):
             return []
         meta = body.get("metadata") or {}
         svc = f"{rs.rayservice_name_for(str(meta.get('name')))}-serve-svc"
@@ -672,7 +720,7 @@ class ModelServiceReconciler:
                 jobs[job] = await self.kube.get_custom(API_VERSION, "FineTuneJob", namespace, job)
         rs_name = rs.rayservice_name_for(name)
         live = await self.kube.get_custom(RAY_API_VERSION, "RayService", namespace, rs_name)
-        reports = await self._canary_reports(body, live)
+        reports = await self._replica_reports(body, live)
         secrets = {s: await self.kube.secret_keys(namespace, s) for s in secret_names(body)}
         now = dt.datetime.now(dt.UTC)
         try:
