@@ -26,7 +26,7 @@ from graft.testing.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 200
+MAX_STEPS = 400  # the kill must land mid-run: status shows a checkpoint ~10 s in
 CHECKPOINT_EVERY = 10
 
 
