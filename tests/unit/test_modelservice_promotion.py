@@ -249,7 +249,7 @@ def test_adapters_the_replicas_could_not_load_are_a_condition() -> None:
     failed = passes(body, [ok, bad], live)
     c = cond(failed, "AdaptersReady")
     assert (c.status, c.reason) == ("False", "AdapterLoadFailed")
-    assert "adapter(s) b failed to load on 1 of 2 replica(s)" in c.message
+    assert "adapter(s) b failed to load, in 1 of 2 replica report(s)" in c.message
     assert [e[1] for e in failed.events if e[0] == "Warning"] == ["AdapterLoadFailed"]
     assert failed.rayservice is None  # a condition only: nothing is re-rendered
     # no replica answers: the failure stands, and is not announced again

@@ -483,8 +483,8 @@ def decide(
         failed = reported_load_failures(reports, {a.name for a in ready})
         if failed:
             msg = (
-                f"adapter(s) {', '.join(sorted(failed))} failed to load on "
-                f"{max(failed.values())} of {len(reports)} replica(s) asked; the Serve "
+                f"adapter(s) {', '.join(sorted(failed))} failed to load, in "
+                f"{max(failed.values())} of {len(reports)} replica report(s); the Serve "
                 "replicas' logs (the RayService's worker pods) say why. Fix the adapter "
                 "files (readable by the server's user) or spec.model.adapters."
             )
