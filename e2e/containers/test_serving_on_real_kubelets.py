@@ -5,7 +5,8 @@ Secret and NetworkPolicy. KubeRay's Go operator cannot run here, so the fake of 
 (``FakeKubeRayOnKubelets``, named as such) makes the head and worker Pods KubeRay would
 make; the real kubelets run them from the server image, restricted and read-only. The
 worker reaches the head through the headless Service's name in the cluster DNS, the Serve
-config goes to the head's dashboard with the Ray token, and the official ``openai`` client
+config goes to the head's dashboard with the Ray token (which it refuses callers without),
+and the official ``openai`` client
 asks the base model and the adapter through the Serve Service's cluster IP (kube-proxy),
 with the API key from the Secret the ModelService names, and is refused without it. A
 second adapter names no files: the operator, from its pod, reads the replicas' /readyz
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +189,12 @@ def test_modelservice_serves_the_adapter_from_ray_pods_under_real_kubelets(
         assert p.spec.containers[0].image == IMAGES["server"]
         image_id = node.docker("image", "inspect", IMAGES["server"], "--format", "{{.Id}}")
         assert node.docker("inspect", cid, "--format", "{{.Image}}").strip() == image_id.strip()
+
+    # Ray's token authentication is on: the token reached the Ray containers from the
+    # operator's Secret (secretKeyRef), and the dashboard refuses a caller without it.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{kuberay.dashboard_url}/api/serve/applications/", timeout=10)
+    assert refused.value.code == 401
 
     # The endpoint through the Serve Service's cluster IP (kube-proxy's rules on this host):
     # the host's resolver does not know the cluster domain; the pods' does (dnsmasq).

@@ -175,6 +175,11 @@ class FakeKubeRayOnKubelets:
         )
         return dict(obj)
 
+    @property
+    def dashboard_url(self) -> str:
+        """The head pod's dashboard (after ``reconcile``), as KubeRay's operator calls it."""
+        return f"http://{self._head_ip}:{DASHBOARD_PORT}"
+
     # -- the Ray cluster as Kubernetes objects -------------------------------------------
 
     def _auth_env(self, cluster: dict[str, Any]) -> list[dict[str, Any]]:
@@ -319,7 +324,7 @@ class FakeKubeRayOnKubelets:
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         req = urllib.request.Request(
-            f"http://{self._head_ip}:{DASHBOARD_PORT}/api/serve/applications/",
+            f"{self.dashboard_url}/api/serve/applications/",
             data=None if body is None else json.dumps(body).encode(),
             method=method,
             headers=headers,
