@@ -28,6 +28,9 @@ from graft.testing.tiny_model import build_tiny_model
 pytestmark = pytest.mark.slow
 
 CKPT = re.compile(r"^ckpt-s(\d{2})-(\d{8})$")
+#: Long enough that the SIGTERM lands mid-run on an idle machine too: with 40 steps the run
+#: once ended between its first checkpoint and the signal there.
+STEPS = 400
 
 
 def _job(steps: int) -> FineTuneJob:
@@ -110,7 +113,7 @@ def claims(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _run(
     trainer_image: str, claims: dict[str, Path], workdir: Path, attempt: int, resume: str | None
 ) -> DockerPod:
-    job = _job(steps=40)
+    job = _job(steps=STEPS)
     pod, cm = _pod(job, trainer_image, attempt, resume)
     run = DockerPod(
         pod,
@@ -130,12 +133,12 @@ def test_trainer_image_sigterm_checkpoints_and_next_attempt_resumes(
     ckpt = claims["out"] / "ckpt"
     first = _run(trainer_image, claims, tmp_path / "a1", 1, None)
     try:
+        assert first.exec("id", "-u").strip() == "65532"
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not _checkpoints(ckpt):
             assert first.running(), f"trainer exited early:\n{first.logs()[-4000:]}"
-            time.sleep(1)
+            time.sleep(0.2)
         assert _checkpoints(ckpt), f"no checkpoint within 600 s:\n{first.logs()[-4000:]}"
-        assert first.exec("id", "-u").strip() == "65532"
         before = _checkpoints(ckpt)[-1][0]
         t0 = time.monotonic()
         first.stop(timeout=60)
@@ -153,7 +156,7 @@ def test_trainer_image_sigterm_checkpoints_and_next_attempt_resumes(
         )
         after = _checkpoints(ckpt)[-1]
         assert after[0] >= before, "SIGTERM must not lose checkpoints"
-        assert after[0] < 40, "the first attempt must not have finished before SIGTERM"
+        assert after[0] < STEPS, "the first attempt must not have finished before SIGTERM"
     finally:
         first.remove()
 
@@ -167,7 +170,7 @@ def test_trainer_image_sigterm_checkpoints_and_next_attempt_resumes(
         trained = [s for s in steps if s > 0]
         # the resumed attempt starts at the SIGTERM checkpoint's step, not at 0
         assert trained and trained[0] == after[0], f"did not resume from step {after[0]}: {steps}"
-        assert max(steps) == 40
+        assert max(steps) == STEPS
     finally:
         second.remove()
     adapter = claims["out"] / "adapter"
