@@ -4,9 +4,11 @@ containers from the built images, under v1.20.2 kubelets on dockershim.
 What this host provides in place of a cluster's infrastructure (graft.testing.docker_nodes):
 three nodes (a kubelet and a Docker daemon each, on bridges the test creates), one
 kube-proxy for the host, Debian's dnsmasq fed from the API as cluster DNS, and hostPath
-PersistentVolumes under one directory as the shared storage the claims need. The operator
-is installed with Helm from its image. Each node has one "GPU": an extended resource
-advertised on its status (no device plugin), and the trainer runs on the CPU, on gloo.
+PersistentVolumes under one directory as the shared storage the claims need. KubeRay's
+CRDs come from ``../shared`` (the serving test skips without them; KubeRay's operator is
+faked by ``graft.testing.fake_kuberay``). The operator is installed with Helm from its
+image. Each node has one "GPU": an extended resource advertised on its status (no device
+plugin), and the trainer runs on the CPU, on gloo.
 
 Needs root, Docker and the images from ``make images``; skipped otherwise, unless
 ``GRAFT_E2E_CONTAINERS=require`` (then missing pieces fail the run).
